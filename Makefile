@@ -1,0 +1,31 @@
+# Quick start: `make run` (amqplexd in front of the local broker) and
+# `make test` (the suite against the local RabbitMQ, started if needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint broker bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/amqplexd amqp://127.0.0.1:5672
+
+broker:
+	@scripts/ensure-rabbitmq
+
+test: $(STAMP) broker
+	$(BIN)/ruff check amqplex tests
+	$(BIN)/python -m pytest -p no:cacheprovider -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check amqplex tests
+	$(BIN)/ruff format --check amqplex tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from amqplex.cli import main
+
+main()

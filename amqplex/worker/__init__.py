@@ -1,0 +1,1 @@
+"""A worker: one asyncio loop serving client sessions over its own pools."""

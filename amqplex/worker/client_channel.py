@@ -1,0 +1,319 @@
+"""One channel of a client connection, from the client's side: the frames
+the client sends on it, checked and forwarded to the upstream channel that
+carries it, and the frames the broker sends back, forwarded to the client.
+
+Content is never decoded. A publish is held until its last body frame has
+arrived, then written upstream in one piece, so a client that dies
+mid-message never leaves half a message on a shared connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import typing
+
+from pamqp import commands
+
+from amqplex.protocol import methods
+from amqplex.protocol.constants import (
+    BASIC_CLASS_ID,
+    FRAME_BODY,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    ReplyCode,
+)
+from amqplex.protocol.errors import ChannelException, ConnectionException
+from amqplex.protocol.framing import (
+    channel_bytes,
+    content_body_size,
+    content_class,
+    method_index,
+    payload_size,
+    rewrite_channel,
+    split_body,
+)
+from amqplex.worker.rules import check_client_method, check_publish
+
+if typing.TYPE_CHECKING:
+    from amqplex.worker.session import ClientSession
+    from amqplex.worker.upstream_channel import UpstreamChannel
+
+_PUBLISH = commands.Basic.Publish.index
+_CHANNEL_OPEN = commands.Channel.Open.index
+_CHANNEL_CLOSE = commands.Channel.Close.index
+_CHANNEL_CLOSE_OK = commands.Channel.CloseOk.index
+_QUEUE_DECLARE = commands.Queue.Declare.index
+_QUEUE_DECLARE_OK = commands.Queue.DeclareOk.index
+_QUEUE_DELETE = commands.Queue.Delete.index
+_BASIC_CANCEL = commands.Basic.Cancel.index
+# Methods that name a queue: another client's exclusive queue is off limits.
+_NAMES_QUEUE = frozenset(
+    m.index
+    for m in (
+        commands.Queue.Declare,
+        commands.Queue.Bind,
+        commands.Queue.Unbind,
+        commands.Queue.Purge,
+        commands.Queue.Delete,
+        commands.Basic.Consume,
+        commands.Basic.Get,
+    )
+)
+_OPEN_OK = methods.encode(0, commands.Channel.OpenOk())
+_CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
+
+# What the channel expects next from the client.
+_EXPECT_METHOD, _EXPECT_HEADER, _EXPECT_BODY = 0, 1, 2
+
+
+class ClientChannel:
+    __slots__ = (
+        "session",
+        "cid",
+        "cid_bytes",
+        "slot",
+        "pending",
+        "answer_open",
+        "expect",
+        "body_left",
+        "content",
+        "declares",
+        "closing",
+        "closed_by_proxy",
+    )
+
+    def __init__(self, session: ClientSession, cid: int) -> None:
+        self.session = session
+        self.cid = cid
+        self.cid_bytes = channel_bytes(cid)
+        self.slot: UpstreamChannel | None = None
+        # Client frames that arrived before an upstream channel was found.
+        self.pending: list[bytes] = []
+        # Whether the broker's OpenOk is still to be passed to the client.
+        self.answer_open = False
+        self.expect = _EXPECT_METHOD
+        self.body_left = 0
+        self.content: list[bytes] = []
+        # One entry per Queue.Declare awaiting DeclareOk: does the client
+        # own the queue it names (exclusive or server-named)?
+        self.declares: collections.deque[bool] = collections.deque()
+        # The client sent Channel.Close.
+        self.closing = False
+        # The proxy closed this channel (405) and waits for the client's CloseOk.
+        self.closed_by_proxy = False
+
+    # -- binding to an upstream channel ---------------------------------------
+
+    def bind(self, slot: UpstreamChannel, answer_open: bool) -> None:
+        """Carry this channel on `slot`. With answer_open the broker's OpenOk
+        is still on its way and will be passed on; otherwise the slot was
+        already open and the client is answered now."""
+        self.slot = slot
+        slot.client = self
+        self.answer_open = answer_open
+        if not answer_open:
+            self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
+        if self.pending:
+            uid = slot.uid_bytes
+            frames = [rewrite_channel(frame, uid) for frame in self.pending]
+            self.pending = []
+            slot.upstream.writer.write_many(frames)
+        self.session.channel_bound(slot.upstream)
+
+    def upstream_opened(self) -> None:
+        if self.answer_open:
+            self.answer_open = False
+            self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
+
+    # -- client to broker ---------------------------------------------------------
+
+    def from_client(self, frame_type: int, frame: bytes) -> None:
+        if self.closing or self.closed_by_proxy:
+            # After a Close only CloseOk counts (spec 2.3.5.3 / 4.2.6).
+            if frame_type == FRAME_METHOD and method_index(frame) == _CHANNEL_CLOSE_OK:
+                self._close_ok_from_client()
+            return
+        if frame_type == FRAME_METHOD:
+            if self.expect != _EXPECT_METHOD:
+                raise _unexpected_frame("method", self.expect)
+            index = method_index(frame)
+            if index == _PUBLISH:
+                check_publish(frame)
+                self.content.append(frame)
+                self.expect = _EXPECT_HEADER
+                return
+            self._method(index, frame)
+        elif frame_type == FRAME_HEADER:
+            if self.expect != _EXPECT_HEADER:
+                raise _unexpected_frame("content header", self.expect)
+            if content_class(frame) != BASIC_CLASS_ID:
+                raise ConnectionException(
+                    ReplyCode.FRAME_ERROR,
+                    f"expected content header for class {BASIC_CLASS_ID}, got one "
+                    f"for class {content_class(frame)} instead",
+                )
+            self.content.append(frame)
+            self.body_left = content_body_size(frame)
+            if self.body_left == 0:
+                self._send_content()
+            else:
+                self.expect = _EXPECT_BODY
+        elif frame_type == FRAME_BODY:
+            if self.expect != _EXPECT_BODY:
+                raise _unexpected_frame("content body", self.expect)
+            self.body_left -= payload_size(frame)
+            if self.body_left < 0:
+                raise ConnectionException(
+                    ReplyCode.FRAME_ERROR, "content body larger than its header says"
+                )
+            self.content.append(frame)
+            if self.body_left == 0:
+                self._send_content()
+        elif frame_type == FRAME_HEARTBEAT:
+            raise ConnectionException(
+                ReplyCode.FRAME_ERROR, f"heartbeat frame on channel {self.cid}"
+            )
+
+    def _method(self, index: int, frame: bytes) -> None:
+        if index == _CHANNEL_CLOSE:
+            self._close_from_client(frame)
+            return
+        if index == _CHANNEL_CLOSE_OK:
+            self._close_ok_from_client()
+            return
+        if index == _CHANNEL_OPEN:
+            raise ConnectionException(ReplyCode.CHANNEL_ERROR, "second 'channel.open' seen", 20, 10)
+        method = methods.decode(frame)
+        check_client_method(method)
+        if index in _NAMES_QUEUE:
+            self._check_queue_owner(method)
+        if index == _QUEUE_DECLARE and not method.nowait:
+            self.declares.append(method.exclusive or not method.queue)
+        elif index == _QUEUE_DELETE:
+            self.session.pool.disown(method.queue, self.session)
+        self._send(frame)
+
+    def _check_queue_owner(self, method: methods.Method) -> None:
+        owner = self.session.pool.owners.get(method.queue)
+        if owner is not None and owner is not self.session:
+            class_id, method_id = methods.ids(type(method))
+            raise ChannelException(
+                ReplyCode.RESOURCE_LOCKED,
+                f"cannot obtain exclusive access to locked queue '{method.queue}' "
+                f"in vhost '{self.session.vhost}'. It could be originally declared "
+                "on another connection or the exclusive property value does not "
+                "match that of the original declaration.",
+                class_id,
+                method_id,
+            )
+
+    def _send(self, frame: bytes) -> None:
+        slot = self.slot
+        if slot is None:
+            self.pending.append(frame)
+            return
+        upstream = slot.upstream
+        upstream.writer.write(rewrite_channel(frame, slot.uid_bytes))
+        if upstream.paused:
+            upstream.stall(self.session)
+
+    def _send_content(self) -> None:
+        content, self.content = self.content, []
+        self.expect = _EXPECT_METHOD
+        slot = self.slot
+        if slot is None:
+            self.pending.extend(content)
+            return
+        upstream = slot.upstream
+        uid = slot.uid_bytes
+        frame_max = upstream.frame_max
+        frames = []
+        for frame in content:
+            if len(frame) > frame_max:
+                frames.extend(split_body(frame, uid, frame_max))
+            else:
+                frames.append(rewrite_channel(frame, uid))
+        upstream.writer.write_many(frames)
+        if upstream.paused:
+            upstream.stall(self.session)
+
+    def _close_from_client(self, frame: bytes) -> None:
+        self.closing = True
+        self.content = []
+        self.expect = _EXPECT_METHOD
+        slot = self.slot
+        if slot is None:
+            # Never reached the broker: nothing to close there.
+            self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
+            self.session.channel_finished(self)
+            return
+        slot.client_close(rewrite_channel(frame, slot.uid_bytes))
+
+    def _close_ok_from_client(self) -> None:
+        if self.closed_by_proxy:
+            self.closed_by_proxy = False
+            self.session.channel_finished(self)
+        elif self.slot is not None and self.slot.owes_close_ok:
+            self.slot.client_close_ok()
+
+    def close_by_proxy(self, error: ChannelException) -> None:
+        """Close this channel for a soft error the proxy found itself (405):
+        the client is told, the upstream channel closed behind it."""
+        self.session.write(
+            methods.channel_close(self.cid, error.code, error.text, error.class_id, error.method_id)
+        )
+        self.closed_by_proxy = True
+        self.content = []
+        self.expect = _EXPECT_METHOD
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.close()
+
+    # -- broker to client -------------------------------------------------------
+
+    def from_broker(self, frame_type: int, frame: bytes) -> None:
+        session = self.session
+        if frame_type == FRAME_BODY:
+            if len(frame) > session.frame_max:
+                session.write_many(split_body(frame, self.cid_bytes, session.frame_max))
+                return
+        elif frame_type == FRAME_METHOD:
+            index = method_index(frame)
+            if index == _QUEUE_DECLARE_OK and self.declares:
+                if self.declares.popleft():
+                    queue = methods.decode(frame).queue
+                    session.pool.own(queue, session, self.slot.upstream)
+            elif index == _BASIC_CANCEL and not session.cancel_notify:
+                # The broker drops such consumers silently for clients that
+                # did not advertise consumer_cancel_notify.
+                return
+        session.write(rewrite_channel(frame, self.cid_bytes))
+
+    def closed_by_broker(self, frame: bytes) -> None:
+        self.session.write(rewrite_channel(frame, self.cid_bytes))
+
+    def close_ok_from_broker(self, frame: bytes) -> None:
+        self.session.write(rewrite_channel(frame, self.cid_bytes))
+
+    def slot_released(self) -> None:
+        """The upstream channel is closed both ways: the client's id is free."""
+        self.slot = None
+        self.session.channel_finished(self)
+
+    # -- the client went away ---------------------------------------------------
+
+    def release(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.close()
+
+
+def _unexpected_frame(got: str, expect: int) -> ConnectionException:
+    wanted = "content header" if expect == _EXPECT_HEADER else "content body"
+    if expect == _EXPECT_METHOD:
+        wanted = "method"
+    return ConnectionException(
+        ReplyCode.UNEXPECTED_FRAME,
+        f"expected {wanted} frame, got {got} frame instead",
+    )

@@ -1,0 +1,94 @@
+"""Client methods the broker would answer with a connection-level error.
+
+On a shared upstream such an error would close every client's channels, so
+the proxy refuses these inputs itself, with the code and text RabbitMQ uses,
+on the offending client's connection alone (DESIGN rule 6).
+"""
+
+from pamqp import commands
+
+from amqplex.protocol import methods
+from amqplex.protocol.constants import FRAME_HEADER_SIZE, ReplyCode
+from amqplex.protocol.errors import ConnectionException
+
+# Methods a client may send on a channel other than 0.
+CLIENT_METHODS = frozenset(
+    (
+        commands.Channel.Flow,
+        commands.Channel.FlowOk,
+        commands.Exchange.Declare,
+        commands.Exchange.Delete,
+        commands.Exchange.Bind,
+        commands.Exchange.Unbind,
+        commands.Queue.Declare,
+        commands.Queue.Bind,
+        commands.Queue.Purge,
+        commands.Queue.Delete,
+        commands.Queue.Unbind,
+        commands.Basic.Qos,
+        commands.Basic.Consume,
+        commands.Basic.Cancel,
+        commands.Basic.Get,
+        commands.Basic.Ack,
+        commands.Basic.Reject,
+        commands.Basic.RecoverAsync,
+        commands.Basic.Recover,
+        commands.Basic.Nack,
+        commands.Tx.Select,
+        commands.Tx.Commit,
+        commands.Tx.Rollback,
+        commands.Confirm.Select,
+    )
+)
+# RabbitMQ's built-in exchange types; a plugin's types are added by config.
+EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
+
+_PUBLISH_IDS = methods.ids(commands.Basic.Publish)
+_PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
+
+
+def check_publish(frame: bytes) -> None:
+    """Basic.Publish without decoding it: two short strings, then the bits."""
+    pos = _PUBLISH_ARGS
+    try:
+        pos += 1 + frame[pos]  # exchange
+        pos += 1 + frame[pos]  # routing key
+        bits = frame[pos]
+    except IndexError:
+        raise ConnectionException(
+            ReplyCode.SYNTAX_ERROR, "cannot decode Basic.Publish", *_PUBLISH_IDS
+        ) from None
+    if pos + 2 != len(frame):
+        raise ConnectionException(
+            ReplyCode.SYNTAX_ERROR, "cannot decode Basic.Publish", *_PUBLISH_IDS
+        )
+    if bits & 0b10:
+        raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "immediate=true", *_PUBLISH_IDS)
+
+
+def check_client_method(
+    method: methods.Method, exchange_types: frozenset[str] = EXCHANGE_TYPES
+) -> None:
+    method_class = type(method)
+    ids = methods.ids(method_class)
+    if method_class not in CLIENT_METHODS:
+        raise ConnectionException(
+            ReplyCode.COMMAND_INVALID, f"unexpected method {method.name}", *ids
+        )
+    if method_class is commands.Exchange.Declare:
+        if not method.passive and method.exchange_type not in exchange_types:
+            raise ConnectionException(
+                ReplyCode.COMMAND_INVALID,
+                f"invalid exchange type '{method.exchange_type}'",
+                *ids,
+            )
+    elif method_class is commands.Basic.Qos:
+        if method.prefetch_size != 0:
+            raise ConnectionException(
+                ReplyCode.NOT_IMPLEMENTED, f"prefetch_size!=0 ({method.prefetch_size})", *ids
+            )
+    elif method_class is commands.Channel.Flow:
+        if not method.active:
+            raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "active=false", *ids)
+    elif method_class is commands.Basic.RecoverAsync and not method.requeue:
+        raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "requeue=false", *ids)

@@ -1,0 +1,415 @@
+"""A client connection: the handshake the proxy answers itself, channel 0,
+the client's channel table, heartbeats, and the orderly end of it all.
+
+Where a client frame goes: data_received -> FrameSplitter -> channel 0 here,
+or the ClientChannel for its channel id (client_channel.py) -> the upstream
+channel carrying it (upstream_channel.py) -> the upstream's batched writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import typing
+
+from pamqp import commands
+
+from amqplex.protocol import methods
+from amqplex.protocol.auth import MECHANISMS, Credentials, parse_response
+from amqplex.protocol.constants import (
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    FRAME_MIN_SIZE,
+    HEARTBEAT_FRAME,
+    PROTOCOL_HEADER,
+    ReplyCode,
+)
+from amqplex.protocol.errors import AMQPError, ChannelException, ConnectionException
+from amqplex.protocol.framing import FrameSplitter, method_index
+from amqplex.worker.client_channel import ClientChannel
+from amqplex.worker.upstream import UpstreamRefused
+from amqplex.worker.writer import BatchedWriter
+
+if typing.TYPE_CHECKING:
+    from amqplex.worker.pool import Pool
+    from amqplex.worker.server import Worker
+    from amqplex.worker.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPEN = commands.Channel.Open.index
+
+
+class State(enum.Enum):
+    HEADER = "awaiting protocol header"
+    START_OK = "awaiting Connection.StartOk"
+    TUNE_OK = "awaiting Connection.TuneOk"
+    OPEN = "awaiting Connection.Open"
+    VERIFYING = "verifying credentials with the broker"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.config = worker.config.client
+        self.loop = worker.loop
+        self.state = State.HEADER
+        self.transport: asyncio.Transport | None = None
+        self.writer: BatchedWriter | None = None
+        self.splitter = FrameSplitter(worker.frame_max)
+        self.channels: dict[int, ClientChannel] = {}
+        self.pool: Pool | None = None
+        self.credentials: Credentials | None = None
+        self.vhost = "/"
+        self.frame_max = worker.frame_max
+        self.channel_max = worker.channel_max
+        self.heartbeat = 0
+        self.cancel_notify = False
+        self.blocked_notify = False
+        # The upstream this client's channels go to when it has room, so an
+        # exclusive queue stays usable on all of the client's channels.
+        self.home: Upstream | None = None
+        self._header = b""
+        self._last_read = self.loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading = True
+
+    # -- transport callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.writer = BatchedWriter(transport, self.loop)
+        self.worker.sessions.add(self)
+        self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        if self.state is State.HEADER:
+            data = self._protocol_header(data)
+            if not data:
+                return
+        try:
+            frames = self.splitter.split(data)
+            if self.state is State.RUNNING:
+                self._running(frames)
+            else:
+                for frame_type, channel, frame in frames:
+                    self._other_state(frame_type, channel, frame)
+        except ConnectionException as error:
+            self.fail(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def pause_writing(self) -> None:
+        # Flow control toward a slow reader is the output limit's job
+        # (see write); the transport's own high-water mark is just a hint.
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- the handshake, answered locally (DESIGN rule 1) ----------------------------
+
+    def _protocol_header(self, data: bytes) -> bytes:
+        self._header += data
+        if len(self._header) < len(PROTOCOL_HEADER):
+            if not PROTOCOL_HEADER.startswith(self._header):
+                self._refuse_protocol()
+            return b""
+        if self._header[:8] != PROTOCOL_HEADER:
+            self._refuse_protocol()
+            return b""
+        rest, self._header = self._header[8:], b""
+        self.state = State.START_OK
+        self.write(
+            methods.encode(
+                0,
+                commands.Connection.Start(
+                    server_properties=self.worker.server_properties,
+                    mechanisms=MECHANISMS,
+                    locales="en_US",
+                ),
+            )
+        )
+        return rest
+
+    def _refuse_protocol(self) -> None:
+        # The spec: answer a header we cannot speak with our own, then close.
+        self.state = State.CLOSED
+        self.transport.write(PROTOCOL_HEADER)
+        self.transport.close()
+
+    def _other_state(self, frame_type: int, channel: int, frame: bytes) -> None:
+        if self.state is State.CLOSING:
+            self._closing_frame(frame_type, channel, frame)
+            return
+        if self.state in (State.VERIFYING, State.CLOSED):
+            return
+        if frame_type == FRAME_HEARTBEAT:
+            return
+        if frame_type != FRAME_METHOD or channel != 0:
+            raise ConnectionException(
+                ReplyCode.COMMAND_INVALID, f"unexpected frame during handshake ({self.state.value})"
+            )
+        method = methods.decode(frame)
+        if isinstance(method, commands.Connection.Close):
+            self._client_close()
+        elif self.state is State.START_OK and isinstance(method, commands.Connection.StartOk):
+            self._start_ok(method)
+        elif self.state is State.TUNE_OK and isinstance(method, commands.Connection.TuneOk):
+            self._tune_ok(method)
+        elif self.state is State.OPEN and isinstance(method, commands.Connection.Open):
+            self._open(method)
+        else:
+            raise ConnectionException(
+                ReplyCode.COMMAND_INVALID,
+                f"{method.name} unexpected while {self.state.value}",
+                *methods.ids(type(method)),
+            )
+
+    def _start_ok(self, method: commands.Connection.StartOk) -> None:
+        self.credentials = parse_response(method.mechanism, method.response)
+        capabilities = method.client_properties.get("capabilities") or {}
+        self.cancel_notify = bool(capabilities.get("consumer_cancel_notify"))
+        self.blocked_notify = bool(capabilities.get("connection.blocked"))
+        self.state = State.TUNE_OK
+        self.write(
+            methods.encode(
+                0,
+                commands.Connection.Tune(
+                    channel_max=self.worker.channel_max,
+                    frame_max=self.worker.frame_max,
+                    heartbeat=self.config.heartbeat,
+                ),
+            )
+        )
+
+    def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
+        ids = methods.ids(commands.Connection.TuneOk)
+        frame_max = method.frame_max or self.worker.frame_max
+        if frame_max < FRAME_MIN_SIZE:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED, f"frame_max={frame_max} < {FRAME_MIN_SIZE} min size", *ids
+            )
+        if frame_max > self.worker.frame_max:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED,
+                f"frame_max={frame_max} > {self.worker.frame_max} max size",
+                *ids,
+            )
+        channel_max = method.channel_max or self.worker.channel_max
+        if channel_max > self.worker.channel_max:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED,
+                f"channel_max={channel_max} > {self.worker.channel_max} max size",
+                *ids,
+            )
+        self.frame_max = frame_max
+        self.splitter.frame_max = frame_max
+        self.channel_max = channel_max
+        self.heartbeat = method.heartbeat
+        self.state = State.OPEN
+
+    def _open(self, method: commands.Connection.Open) -> None:
+        self.vhost = method.virtual_host or "/"
+        self.state = State.VERIFYING
+        self.pause_reading()
+        self.worker.spawn(self._verify())
+
+    async def _verify(self) -> None:
+        """Credentials are checked by the broker before OpenOk (DESIGN rule 2)."""
+        try:
+            pool = await self.worker.pools.get(self.credentials, self.vhost)
+        except UpstreamRefused as refusal:
+            self._send_close(refusal.code, refusal.text, 10, 40)
+            return
+        except (OSError, TimeoutError) as error:
+            log.warning("upstream unavailable for a client: %s", error)
+            self._send_close(
+                ReplyCode.CONNECTION_FORCED,
+                f"CONNECTION_FORCED - upstream unavailable: {error or type(error).__name__}",
+            )
+            return
+        if self.state is not State.VERIFYING:
+            return
+        self.pool = pool
+        self.state = State.RUNNING
+        self._timer.cancel()
+        self.write(methods.encode(0, commands.Connection.OpenOk()))
+        pool.session_joined(self)
+        if self.heartbeat:
+            self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+        self.resume_reading()
+
+    def _handshake_timeout(self) -> None:
+        if self.state in (State.CLOSING, State.CLOSED):
+            self.transport.abort()
+            return
+        log.info("client handshake timed out while %s", self.state.value)
+        self.state = State.CLOSED
+        self.transport.abort()
+
+    # -- running -------------------------------------------------------------------
+
+    def _running(self, frames: list) -> None:
+        channels = self.channels
+        for frame_type, channel_id, frame in frames:
+            if self.state is not State.RUNNING:
+                self._other_state(frame_type, channel_id, frame)
+                continue
+            if channel_id == 0:
+                self._channel_zero(frame_type, frame)
+                continue
+            channel = channels.get(channel_id)
+            if channel is None:
+                self._new_channel(frame_type, channel_id, frame)
+                continue
+            try:
+                channel.from_client(frame_type, frame)
+            except ChannelException as error:
+                channel.close_by_proxy(error)
+
+    def _new_channel(self, frame_type: int, channel_id: int, frame: bytes) -> None:
+        if frame_type != FRAME_METHOD or method_index(frame) != _CHANNEL_OPEN:
+            raise ConnectionException(ReplyCode.CHANNEL_ERROR, "expected 'channel.open'")
+        if channel_id > self.channel_max:
+            raise ConnectionException(
+                ReplyCode.CHANNEL_ERROR,
+                f"channel_max is {self.channel_max}, channel {channel_id} is out of range",
+                20,
+                10,
+            )
+        channel = ClientChannel(self, channel_id)
+        self.channels[channel_id] = channel
+        self.pool.attach(channel)
+
+    def _channel_zero(self, frame_type: int, frame: bytes) -> None:
+        if frame_type == FRAME_HEARTBEAT:
+            return
+        if frame_type != FRAME_METHOD:
+            raise ConnectionException(ReplyCode.UNEXPECTED_FRAME, "content frame on channel 0")
+        method = methods.decode(frame)
+        if isinstance(method, commands.Connection.Close):
+            self._client_close()
+            return
+        raise ConnectionException(
+            ReplyCode.COMMAND_INVALID,
+            f"{method.name} unexpected on an open connection",
+            *methods.ids(type(method)),
+        )
+
+    def _heartbeat_tick(self) -> None:
+        """Send a heartbeat when idle; drop a client silent for two intervals."""
+        if self.state is not State.RUNNING:
+            return
+        now = self.loop.time()
+        if now - self._last_read > 2 * self.heartbeat:
+            log.info("client missed two heartbeats; closing it")
+            self.transport.abort()
+            return
+        if now - self.writer.last_write >= self.heartbeat / 2:
+            self.write(HEARTBEAT_FRAME)
+        self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        self.writer.write(frame)
+
+    def write_many(self, frames: list[bytes]) -> None:
+        self.writer.write_many(frames)
+
+    def pause_reading(self) -> None:
+        if self._reading and not self.transport.is_closing():
+            self._reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self.transport.is_closing():
+            self._reading = True
+            self.transport.resume_reading()
+
+    # -- channel bookkeeping ---------------------------------------------------------
+
+    def channel_bound(self, upstream: Upstream) -> None:
+        if self.home is None or self.home.closed:
+            self.home = upstream
+        if upstream.blocked and self.blocked_notify:
+            self.notify_blocked("")
+
+    def channel_finished(self, channel: ClientChannel) -> None:
+        if self.channels.get(channel.cid) is channel:
+            del self.channels[channel.cid]
+
+    def notify_blocked(self, reason: str) -> None:
+        if self.blocked_notify and self.state is State.RUNNING:
+            self.write(methods.encode(0, commands.Connection.Blocked(reason=reason)))
+
+    def notify_unblocked(self) -> None:
+        if self.blocked_notify and self.state is State.RUNNING:
+            self.write(methods.encode(0, commands.Connection.Unblocked()))
+
+    # -- ending ------------------------------------------------------------------------
+
+    def _client_close(self) -> None:
+        """Connection.Close from the client is never forwarded: its channels are
+        closed upstream and the proxy answers CloseOk (DESIGN rule 5)."""
+        self._release_channels()
+        self.write(methods.encode(0, commands.Connection.CloseOk()))
+        self.writer.flush()
+        self.state = State.CLOSED
+        self.transport.close()
+
+    def fail(self, error: AMQPError) -> None:
+        """A hard error: tell this client alone, as the broker would."""
+        log.info("closing client: %s", error.text)
+        self._send_close(error.code, error.text, error.class_id, error.method_id)
+
+    def force_close(self, code: int, text: str) -> None:
+        """Close from the proxy's side (upstream lost, draining)."""
+        self._send_close(code, text)
+
+    def _send_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        self.state = State.CLOSING
+        self._release_channels()
+        self.write(methods.connection_close(code, text, class_id, method_id))
+        self.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.config.close_timeout, self.transport.abort)
+
+    def _closing_frame(self, frame_type: int, channel: int, frame: bytes) -> None:
+        """After our Close only Close and CloseOk count; both end it."""
+        if frame_type != FRAME_METHOD or channel != 0:
+            return
+        index = method_index(frame)
+        if index == commands.Connection.CloseOk.index:
+            self.state = State.CLOSED
+            self.writer.flush()
+            self.transport.close()
+        elif index == commands.Connection.Close.index:
+            self.write(methods.encode(0, commands.Connection.CloseOk()))
+            self.state = State.CLOSED
+            self.writer.flush()
+            self.transport.close()
+
+    def _release_channels(self) -> None:
+        channels, self.channels = self.channels, {}
+        for channel in channels.values():
+            channel.release()
+
+    def _end(self) -> None:
+        self.state = State.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        self._release_channels()
+        if self.pool is not None:
+            self.pool.session_left(self)
+        self.worker.sessions.discard(self)

@@ -1,0 +1,349 @@
+"""One long-lived AMQP connection to the broker, shared by many clients'
+channels. It dials and authenticates with one (user, password, vhost), hands
+out channel ids, keeps its heartbeat with the broker, and routes each frame
+it reads to the UpstreamChannel that owns the frame's channel id."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import typing
+
+from pamqp import commands
+
+from amqplex import __version__
+from amqplex.config import UpstreamConfig
+from amqplex.protocol import methods
+from amqplex.protocol.auth import Credentials, plain_response
+from amqplex.protocol.constants import (
+    FRAME_METHOD,
+    HEARTBEAT_FRAME,
+    PROTOCOL_HEADER,
+    ReplyCode,
+)
+from amqplex.protocol.errors import AMQPError
+from amqplex.protocol.framing import FrameSplitter, rewrite_channel
+from amqplex.worker.upstream_channel import UpstreamChannel
+from amqplex.worker.writer import BatchedWriter
+
+if typing.TYPE_CHECKING:
+    from amqplex.worker.pool import Pool
+
+log = logging.getLogger(__name__)
+
+# What the proxy asks of the broker: every capability a client might rely on,
+# so that each client can then be given exactly what it advertised itself.
+CLIENT_PROPERTIES = {
+    "product": "amqplex",
+    "version": __version__,
+    "platform": "Python",
+    "capabilities": {
+        "authentication_failure_close": True,
+        "basic.nack": True,
+        "connection.blocked": True,
+        "consumer_cancel_notify": True,
+        "exchange_exchange_bindings": True,
+        "per_consumer_qos": True,
+        "publisher_confirms": True,
+    },
+}
+_HANDSHAKE_FRAME_MAX = 1 << 20
+_CHANNEL_OPEN = methods.encode(0, commands.Channel.Open())
+_CHANNEL_CLOSE = methods.encode(
+    0, commands.Channel.Close(reply_code=200, reply_text="Goodbye", class_id=0, method_id=0)
+)
+_CHANNEL_CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
+
+
+class UpstreamRefused(Exception):
+    """The broker would not open a connection; the client gets this Close."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, pool: Pool | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.writer: BatchedWriter | None = None
+        self.splitter = FrameSplitter(_HANDSHAKE_FRAME_MAX)
+        self.slots: dict[int, UpstreamChannel] = {}
+        self.free_ids: collections.deque[int] = collections.deque()
+        self.server_properties: dict = {}
+        self.channel_max = 0
+        self.frame_max = 0
+        self.heartbeat = 0
+        self.blocked = False
+        self.closed = False
+        self.close_reason = "upstream connection lost"
+        self.paused = False
+        self._last_read = loop.time()
+        self._handshake_frames: asyncio.Queue | None = asyncio.Queue()
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        # Client sessions paused because this connection's send buffer is full.
+        self._stalled_sessions: set = set()
+
+    # -- dialling -------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        pool: Pool,
+        config: UpstreamConfig,
+        credentials: Credentials,
+        vhost: str,
+        max_channels: int,
+    ) -> Upstream:
+        """Dial, authenticate and open `vhost`; UpstreamRefused if the
+        broker says no, OSError or TimeoutError if it cannot be reached."""
+        loop = asyncio.get_running_loop()
+        _, upstream = await asyncio.wait_for(
+            loop.create_connection(lambda: cls(pool, loop), config.host, config.port),
+            config.connect_timeout,
+        )
+        try:
+            await asyncio.wait_for(
+                upstream._handshake(config, credentials, vhost, max_channels),
+                config.connect_timeout,
+            )
+        except BaseException:
+            upstream.abort()
+            raise
+        return upstream
+
+    async def _handshake(
+        self, config: UpstreamConfig, credentials: Credentials, vhost: str, max_channels: int
+    ) -> None:
+        self.transport.write(PROTOCOL_HEADER)
+        start = await self._expect(commands.Connection.Start)
+        self.server_properties = start.server_properties
+        self._send(
+            commands.Connection.StartOk(
+                client_properties=dict(
+                    CLIENT_PROPERTIES, connection_name=f"amqplex pid {os.getpid()}"
+                ),
+                mechanism="PLAIN",
+                response=plain_response(credentials),
+                locale="en_US",
+            )
+        )
+        tune = await self._expect(commands.Connection.Tune)
+        broker_channel_max = tune.channel_max or 65535
+        self.channel_max = min(broker_channel_max, max_channels)
+        self.frame_max = tune.frame_max or _HANDSHAKE_FRAME_MAX
+        self.heartbeat = _negotiate(tune.heartbeat, config.heartbeat)
+        self._send(
+            commands.Connection.TuneOk(
+                channel_max=self.channel_max,
+                frame_max=self.frame_max,
+                heartbeat=self.heartbeat,
+            )
+        )
+        self._send(commands.Connection.Open(virtual_host=vhost))
+        await self._expect(commands.Connection.OpenOk)
+        self.splitter.frame_max = self.frame_max
+        self.free_ids.extend(range(1, self.channel_max + 1))
+        self.writer = BatchedWriter(self.transport, self.loop)
+        self._handshake_frames = None
+        if self.heartbeat:
+            self._heartbeat_timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+
+    async def _expect(self, method_class: type[methods.Method]) -> methods.Method:
+        while True:
+            frame_type, _, frame = await self._handshake_frames.get()
+            if frame_type is None:
+                raise ConnectionResetError(self.close_reason)
+            if frame_type != FRAME_METHOD:
+                continue
+            method = methods.decode(frame)
+            if isinstance(method, method_class):
+                return method
+            if isinstance(method, commands.Connection.Close):
+                self.transport.write(methods.encode(0, commands.Connection.CloseOk()))
+                raise UpstreamRefused(method.reply_code, method.reply_text)
+            raise UpstreamRefused(
+                ReplyCode.INTERNAL_ERROR,
+                f"INTERNAL_ERROR - broker sent {method.name} during handshake",
+            )
+
+    def _send(self, method: methods.Method) -> None:
+        self.transport.write(methods.encode(0, method))
+
+    # -- channels -------------------------------------------------------
+
+    @property
+    def has_room(self) -> bool:
+        return not self.closed and bool(self.free_ids)
+
+    def open_channel(self) -> UpstreamChannel:
+        """Take a free channel id and open it; the broker's OpenOk goes to
+        the UpstreamChannel."""
+        uid = self.free_ids.popleft()
+        slot = UpstreamChannel(self, uid)
+        self.slots[uid] = slot
+        self.writer.write(rewrite_channel(_CHANNEL_OPEN, slot.uid_bytes))
+        return slot
+
+    def delete_queues(self, names: list[str]) -> None:
+        """Delete queues this connection owns (a departed client's exclusive
+        queues) on a channel opened for just that and closed behind it."""
+        if not self.has_room:
+            return
+        slot = self.open_channel()
+        frames = [
+            methods.encode(slot.uid, commands.Queue.Delete(queue=name, nowait=True))
+            for name in names
+        ]
+        self.writer.write_many(frames)
+        slot.close()
+
+    def write_close(self, slot: UpstreamChannel) -> None:
+        self.writer.write(rewrite_channel(_CHANNEL_CLOSE, slot.uid_bytes))
+
+    def write_close_ok(self, slot: UpstreamChannel) -> None:
+        self.writer.write(rewrite_channel(_CHANNEL_CLOSE_OK, slot.uid_bytes))
+
+    def release(self, slot: UpstreamChannel) -> None:
+        """The broker is done with this channel id: it may be used again."""
+        del self.slots[slot.uid]
+        if not self.closed:
+            self.free_ids.append(slot.uid)
+            self.pool.channel_freed(self)
+
+    # -- flow control ----------------------------------------------------
+
+    def stall(self, session) -> None:
+        """Pause a client's reading until this connection's buffer drains."""
+        self._stalled_sessions.add(session)
+        session.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        stalled, self._stalled_sessions = self._stalled_sessions, set()
+        for session in stalled:
+            session.resume_reading()
+
+    # -- reading ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        try:
+            frames = self.splitter.split(data)
+        except AMQPError as error:
+            self.lose(f"broker sent a bad frame: {error.text}")
+            return
+        if self._handshake_frames is not None:
+            for frame in frames:
+                self._handshake_frames.put_nowait(frame)
+            return
+        slots = self.slots
+        for frame_type, channel, frame in frames:
+            if channel:
+                slot = slots.get(channel)
+                if slot is not None:
+                    slot.from_broker(frame_type, frame)
+            elif frame_type == FRAME_METHOD:
+                self._connection_method(methods.decode(frame))
+
+    def _connection_method(self, method: methods.Method) -> None:
+        if isinstance(method, commands.Connection.Close):
+            self.writer.write(methods.encode(0, commands.Connection.CloseOk()))
+            self.writer.flush()
+            self.lose(f"upstream closed by the broker: {method.reply_text}")
+        elif isinstance(method, commands.Connection.Blocked):
+            self.blocked = True
+            self.pool.upstream_blocked(self, method.reason)
+        elif isinstance(method, commands.Connection.Unblocked):
+            self.blocked = False
+            self.pool.upstream_unblocked(self)
+        elif isinstance(method, commands.Connection.CloseOk):
+            self.transport.close()
+
+    def _heartbeat_tick(self) -> None:
+        now = self.loop.time()
+        if now - self._last_read > 2 * self.heartbeat:
+            self.lose("upstream missed two heartbeats")
+            return
+        if now - self.writer.last_write >= self.heartbeat / 2:
+            self.writer.write(HEARTBEAT_FRAME)
+        self._heartbeat_timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+
+    # -- ending -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close politely (idle cleanup, shutdown): the broker answers CloseOk."""
+        if self.closed:
+            return
+        self.closed = True
+        self.writer.write(
+            methods.encode(
+                0,
+                commands.Connection.Close(
+                    reply_code=200, reply_text="Goodbye", class_id=0, method_id=0
+                ),
+            )
+        )
+
+    def lose(self, reason: str) -> None:
+        self.close_reason = reason
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if self._handshake_frames is not None:
+            self._handshake_frames.put_nowait((None, 0, b""))
+            return
+        if exc is not None and self.close_reason == "upstream connection lost":
+            self.close_reason = f"upstream connection lost: {exc}"
+        for session in self._stalled_sessions:
+            session.resume_reading()
+        self._stalled_sessions.clear()
+        self.pool.upstream_lost(self, self.close_reason)
+
+
+def _negotiate(broker: int, ours: int) -> int:
+    """The smaller non-zero heartbeat; zero only if both sides want none."""
+    if broker == 0 or ours == 0:
+        return broker or ours
+    return min(broker, ours)
+
+
+async def fetch_server_properties(config: UpstreamConfig) -> dict:
+    """The broker's Connection.Start server properties, read without logging in,
+    so the proxy can offer clients the broker's own (issue: pika checks
+    capabilities such as publisher_confirms before it will enable them)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(config.host, config.port), config.connect_timeout
+    )
+    try:
+        writer.write(PROTOCOL_HEADER)
+        splitter = FrameSplitter(_HANDSHAKE_FRAME_MAX)
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), config.connect_timeout)
+            if not data:
+                raise ConnectionResetError("broker closed before Connection.Start")
+            for frame_type, _, frame in splitter.split(data):
+                if frame_type == FRAME_METHOD:
+                    method = methods.decode(frame)
+                    if isinstance(method, commands.Connection.Start):
+                        return method.server_properties
+    finally:
+        writer.close()

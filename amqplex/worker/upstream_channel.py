@@ -1,0 +1,129 @@
+"""One channel id on an upstream connection, from the broker's side.
+
+Its life: opened (OPENING until the broker's OpenOk), then idle in the pool
+or carrying one client channel, then closed by either side. The id goes back
+to the upstream only when both directions of the close are done, so a late
+frame for the old channel can never reach a new one (DESIGN rule 4).
+"""
+
+from __future__ import annotations
+
+import typing
+
+from pamqp import commands
+
+from amqplex.protocol.constants import FRAME_METHOD
+from amqplex.protocol.framing import channel_bytes, method_index
+
+if typing.TYPE_CHECKING:
+    from amqplex.worker.client_channel import ClientChannel
+    from amqplex.worker.upstream import Upstream
+
+_OPEN_OK = commands.Channel.OpenOk.index
+_CLOSE = commands.Channel.Close.index
+_CLOSE_OK = commands.Channel.CloseOk.index
+
+
+class UpstreamChannel:
+    __slots__ = (
+        "upstream",
+        "uid",
+        "uid_bytes",
+        "client",
+        "opening",
+        "awaiting_close_ok",
+        "owes_close_ok",
+        "closing",
+    )
+
+    def __init__(self, upstream: Upstream, uid: int) -> None:
+        self.upstream = upstream
+        self.uid = uid
+        self.uid_bytes = channel_bytes(uid)
+        self.client: ClientChannel | None = None
+        self.opening = True
+        # We (or our client) sent Channel.Close and wait for the broker's CloseOk.
+        self.awaiting_close_ok = False
+        # The broker sent Channel.Close and waits for our CloseOk.
+        self.owes_close_ok = False
+        # A close has begun in either direction: never idle again.
+        self.closing = False
+
+    def write(self, frame: bytes) -> None:
+        self.upstream.writer.write(frame)
+
+    def from_broker(self, frame_type: int, frame: bytes) -> None:
+        if frame_type == FRAME_METHOD:
+            index = method_index(frame)
+            if index == _OPEN_OK:
+                self._opened()
+                return
+            if index == _CLOSE:
+                self._closed_by_broker(frame)
+                return
+            if index == _CLOSE_OK:
+                self._close_ok(frame)
+                return
+        client = self.client
+        if client is not None:
+            client.from_broker(frame_type, frame)
+
+    def _opened(self) -> None:
+        self.opening = False
+        if self.closing:
+            return
+        if self.client is None:
+            self.upstream.pool.add_idle(self)
+        else:
+            self.client.upstream_opened()
+
+    def _closed_by_broker(self, frame: bytes) -> None:
+        self.closing = True
+        self.owes_close_ok = True
+        if self.client is not None:
+            # The client answers with CloseOk (client_close_ok), as it would
+            # answer the broker directly.
+            self.client.closed_by_broker(frame)
+        else:
+            self.upstream.pool.forget_idle(self)
+            self.client_close_ok()
+
+    def _close_ok(self, frame: bytes) -> None:
+        self.awaiting_close_ok = False
+        if self.client is not None:
+            self.client.close_ok_from_broker(frame)
+        self._release_if_done()
+
+    # -- what the client side asks -----------------------------------------
+
+    def client_close(self, frame: bytes) -> None:
+        """Forward the client's own Channel.Close (already on our channel id)."""
+        self.closing = True
+        self.awaiting_close_ok = True
+        self.write(frame)
+
+    def client_close_ok(self) -> None:
+        """Answer the broker's Channel.Close (for the client, or on its behalf)."""
+        if self.owes_close_ok:
+            self.owes_close_ok = False
+            self.upstream.write_close_ok(self)
+        self._release_if_done()
+
+    def close(self) -> None:
+        """Close with no client attached: the client left, or it was a
+        janitor channel. Answers a pending broker Close instead if there is one."""
+        self.client = None
+        if self.owes_close_ok:
+            self.client_close_ok()
+            return
+        if not self.awaiting_close_ok:
+            self.closing = True
+            self.awaiting_close_ok = True
+            self.upstream.write_close(self)
+
+    def _release_if_done(self) -> None:
+        if not self.owes_close_ok and not self.awaiting_close_ok:
+            client, self.client = self.client, None
+            self.upstream.release(self)
+            if client is not None:
+                client.slot_released()
