@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from amqplex import __version__
-from amqplex.config import Config
+from amqplex.config import Config, apply_environment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     config = Config()
+    apply_environment(config, os.environ)
     if args.upstream_url:
         config.upstream.url = args.upstream_url
     if args.listen_address:

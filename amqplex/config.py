@@ -6,6 +6,7 @@ work; the core only needs these values and the command line.
 
 import dataclasses
 import os
+import typing
 import urllib.parse
 
 
@@ -64,3 +65,30 @@ class Config:
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+
+
+ENV_PREFIX = "AMQP_"
+
+
+def apply_environment(config: Config, environ: typing.Mapping[str, str]) -> None:
+    """AMQP_<SECTION>_<KEY> overrides a setting (dots become underscores):
+    AMQP_POOL_MAX_CHANNELS=100 sets pool.max_channels."""
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for field in dataclasses.fields(value):
+            name = f"{ENV_PREFIX}{section.name}_{field.name}".upper()
+            if name in environ:
+                setattr(value, field.name, _convert(name, environ[name], field.type))
+
+
+def _convert(name: str, raw: str, kind: str) -> object:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected {kind}, got {raw!r}") from None
+    return raw

@@ -1,0 +1,1 @@
+"""Test support: the daemon under test, the broker's own view, raw clients."""
