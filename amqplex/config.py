@@ -80,15 +80,19 @@ def apply_environment(config: Config, environ: typing.Mapping[str, str]) -> None
         for field in dataclasses.fields(value):
             name = f"{ENV_PREFIX}{section.name}_{field.name}".upper()
             if name in environ:
-                setattr(value, field.name, _convert(name, environ[name], field.type))
+                current = getattr(value, field.name)
+                setattr(value, field.name, _convert(name, environ[name], type(current)))
 
 
-def _convert(name: str, raw: str, kind: str) -> object:
+def _convert(name: str, raw: str, kind: type) -> object:
+    """The environment's text as the setting's own type."""
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected true or false, got {raw!r}")
     try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
+        return kind(raw)
     except ValueError:
-        raise ValueError(f"{name}: expected {kind}, got {raw!r}") from None
-    return raw
+        raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
