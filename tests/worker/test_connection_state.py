@@ -1,0 +1,186 @@
+"""Connection-scoped state on a shared upstream (DESIGN rule 7): exclusive
+queues belong to the client that declared them, Connection.Blocked reaches
+the clients that asked for it, Basic.Cancel only those that advertised it."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+from pamqp import commands
+
+from tests.conftest import proxy_params
+from tests.support.broker import queue_names, rabbitmqctl
+from tests.support.rawclient import RawClient
+
+
+def wait_until(predicate, timeout: float = 10, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+@pytest.fixture
+def two_clients(amqplexd, user):
+    """Clients A and B with the same credentials: the same upstream."""
+    a = pika.BlockingConnection(proxy_params(amqplexd.port, user))
+    b = pika.BlockingConnection(proxy_params(amqplexd.port, user))
+    yield a, b
+    for connection in (a, b):
+        if connection.is_open:
+            connection.close()
+
+
+@pytest.mark.parametrize(
+    "touch",
+    [
+        lambda ch, q: ch.queue_declare(q, passive=True),
+        lambda ch, q: ch.basic_consume(q, lambda *a: None),
+        lambda ch, q: ch.basic_get(q),
+        lambda ch, q: ch.queue_purge(q),
+        lambda ch, q: ch.queue_bind(q, "amq.direct", "k"),
+        lambda ch, q: ch.queue_delete(q),
+    ],
+    ids=["declare", "consume", "get", "purge", "bind", "delete"],
+)
+def test_exclusive_queue_is_locked_to_other_clients_on_the_same_upstream(
+    two_clients, queue_name, touch
+):
+    a, b = two_clients
+    a.channel().queue_declare(queue_name, exclusive=True)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
+        touch(b.channel(), queue_name)
+    assert closed.value.reply_code == 405
+    assert "RESOURCE_LOCKED" in closed.value.reply_text
+    # The owner still uses it on any of its channels.
+    a.channel().basic_publish("", queue_name, b"mine")
+    assert a.channel().basic_get(queue_name, auto_ack=True)[2] == b"mine"
+
+
+def test_server_named_queue_belongs_to_its_declarer(two_clients):
+    a, b = two_clients
+    name = a.channel().queue_declare("", exclusive=False).method.queue
+    assert name.startswith("amq.gen-")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
+        b.channel().basic_get(name)
+    assert closed.value.reply_code == 405
+    a.close()
+    wait_until(lambda: name not in queue_names())
+
+
+@pytest.mark.parametrize("leave", ["close", "vanish"])
+def test_exclusive_queue_is_deleted_when_its_client_leaves(amqplexd, user, queue_name, leave):
+    other = pika.BlockingConnection(proxy_params(amqplexd.port, user))
+    client = RawClient(amqplexd.port)
+    client.handshake(user.name, user.password)
+    client.open_channel(1)
+    client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+    client.expect(commands.Queue.DeclareOk)
+    assert queue_name in queue_names()
+    if leave == "close":
+        client.method(
+            0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+        )
+        client.expect(commands.Connection.CloseOk)
+    client.close()
+    wait_until(lambda: queue_name not in queue_names())
+    # The upstream is still there for the other client, and the name is free.
+    channel = other.channel()
+    channel.queue_declare(queue_name, exclusive=True)
+    other.close()
+
+
+def _consume(client: RawClient, queue: str) -> None:
+    client.open_channel(1)
+    client.method(1, commands.Queue.Declare(queue=queue))
+    client.expect(commands.Queue.DeclareOk)
+    client.method(1, commands.Basic.Consume(queue=queue, consumer_tag="c1"))
+    client.expect(commands.Basic.ConsumeOk)
+
+
+def _after_queue_deleted(client: RawClient) -> list:
+    """Methods the consumer receives up to a round trip on its channel."""
+    client.method(1, commands.Basic.Qos(prefetch_count=5))
+    seen = []
+    while True:
+        _, method = client.read_method()
+        seen.append(type(method))
+        if isinstance(method, commands.Basic.QosOk):
+            return seen
+
+
+@pytest.mark.parametrize("advertised", [True, False])
+def test_basic_cancel_reaches_only_clients_that_advertised_it(
+    amqplexd, user, queue_name, advertised
+):
+    capabilities = {"consumer_cancel_notify": True} if advertised else {}
+    with RawClient(amqplexd.port) as consumer:
+        consumer.handshake(user.name, user.password, capabilities=capabilities)
+        _consume(consumer, queue_name)
+        deleter = pika.BlockingConnection(proxy_params(amqplexd.port, user))
+        deleter.channel().queue_delete(queue_name)
+        deleter.close()
+        seen = _after_queue_deleted(consumer)
+    assert (commands.Basic.Cancel in seen) is advertised
+
+
+@pytest.fixture
+def memory_alarm():
+    """Raise the broker's memory alarm for the test; always restored."""
+    original = rabbitmqctl("environment")
+    assert "vm_memory_high_watermark" in original
+
+    def raise_alarm() -> None:
+        rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+
+    def clear_alarm() -> None:
+        rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+
+    try:
+        yield raise_alarm, clear_alarm
+    finally:
+        clear_alarm()
+
+
+def _connection_methods(client: RawClient, until, timeout: float = 15) -> list:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while not until(seen):
+        got = client.read_method(max(0.01, deadline - time.monotonic()))
+        assert got is not None, "connection closed"
+        seen.append(type(got[1]))
+    return seen
+
+
+def test_blocked_and_unblocked_reach_clients_that_advertised_it(
+    amqplexd, user, queue_name, memory_alarm
+):
+    raise_alarm, clear_alarm = memory_alarm
+    blocked_caps = {"connection.blocked": True}
+    with RawClient(amqplexd.port) as early, RawClient(amqplexd.port) as plain:
+        early.handshake(user.name, user.password, capabilities=blocked_caps)
+        plain.handshake(user.name, user.password)
+        early.open_channel(1)
+        plain.open_channel(1)
+        raise_alarm()
+        assert commands.Connection.Blocked in _connection_methods(
+            early, lambda seen: commands.Connection.Blocked in seen
+        )
+        # A client that arrives while the broker is blocked is told at once.
+        with RawClient(amqplexd.port) as late:
+            late.handshake(user.name, user.password, capabilities=blocked_caps)
+            assert commands.Connection.Blocked in _connection_methods(
+                late, lambda seen: commands.Connection.Blocked in seen
+            )
+            clear_alarm()
+            for client in (early, late):
+                assert commands.Connection.Unblocked in _connection_methods(
+                    client, lambda seen: commands.Connection.Unblocked in seen
+                )
+        # The client without the capability saw neither: its next reply is
+        # the answer to its own request.
+        plain.method(1, commands.Basic.Qos(prefetch_count=1))
+        _, method = plain.read_method()
+        assert isinstance(method, commands.Basic.QosOk)
