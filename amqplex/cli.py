@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
+import sys
 
 from amqplex import __version__
-from amqplex.config import Config, apply_environment
+from amqplex.config import Config, ConfigError, load
+from amqplex.config.load import describe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,44 +22,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="broker URL, amqp://host:port (default amqp://127.0.0.1:5672); "
         "user, password and vhost in it are ignored",
     )
-    parser.add_argument("-c", "--config", help="configuration file")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="YAML or TOML configuration file "
+        "(default: ./amqplex.yaml, then /etc/amqplex/amqplex.yaml)",
+    )
     parser.add_argument("-l", "--listen-address", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("-p", "--listen-port", type=int, help="port to listen on (default 5673)")
     parser.add_argument("-w", "--workers", type=int, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration, print it with secrets masked, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"amqplexd {__version__}")
     return parser.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> Config:
-    config = Config()
-    apply_environment(config, os.environ)
-    if args.upstream_url:
-        config.upstream.url = args.upstream_url
-    if args.listen_address:
-        config.listen.address = args.listen_address
-    if args.listen_port is not None:
-        config.listen.port = args.listen_port
-    if args.workers is not None:
-        config.workers = args.workers
-    return config
+def overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Command-line flags, as configuration keys; they win over file and environment."""
+    chosen = {
+        "upstream.url": args.upstream_url,
+        "listen.address": args.listen_address,
+        "listen.port": args.listen_port,
+        "workers": args.workers,
+    }
+    return {key: value for key, value in chosen.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = build_config(args)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-    )
-    from amqplex.worker.server import Worker
-
-    run(Worker(config).serve())
-
-
-def run(coroutine) -> None:
-    """Run on uvloop when it is installed, else on asyncio's own loop."""
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
+        config = load(args.config, os.environ, overrides(args))
+    except ConfigError as error:
+        print(f"amqplexd: configuration error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if args.check:
+        print(describe(config), end="")
+        sys.exit(0)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    from amqplex.master.arbiter import Arbiter
+    from amqplex.worker.process import run_worker
+
+    def reload() -> Config:
+        return load(args.config, os.environ, overrides(args))
+
+    sys.exit(Arbiter(config, reload, run_worker).run())

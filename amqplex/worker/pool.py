@@ -109,7 +109,10 @@ class Pool:
         """Every client of a lost upstream gets 320 CONNECTION_FORCED (rule 8)."""
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
-        log.warning("upstream for %r lost: %s", self, reason)
+        if reason == "closed by amqplex":
+            log.info("upstream for %r closed", self)
+        else:
+            log.warning("upstream for %r lost: %s", self, reason)
         self.idle = collections.deque(s for s in self.idle if s.upstream is not upstream)
         sessions = {slot.client.session for slot in upstream.slots.values() if slot.client}
         for session in sessions:

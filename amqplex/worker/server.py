@@ -8,7 +8,10 @@ import signal
 import socket
 import typing
 
+from setproctitle import setproctitle
+
 from amqplex.config import Config
+from amqplex.protocol.constants import ReplyCode
 from amqplex.worker.pool import Pools
 from amqplex.worker.session import ClientSession
 from amqplex.worker.upstream import Upstream, fetch_server_properties
@@ -18,6 +21,7 @@ log = logging.getLogger(__name__)
 # Offered to clients until an upstream tells us the broker's own values.
 _DEFAULT_FRAME_MAX = 131072
 _DEFAULT_CHANNEL_MAX = 2047
+SHUTDOWN_TEXT = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
 _FALLBACK_SERVER_PROPERTIES = {
     "product": "amqplex",
     "capabilities": {
@@ -33,8 +37,9 @@ _FALLBACK_SERVER_PROPERTIES = {
 
 
 class Worker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, slot: int = 1) -> None:
         self.config = config
+        self.slot = slot
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pools = Pools(self)
         self.sessions: set[ClientSession] = set()
@@ -80,19 +85,39 @@ class Worker:
         log.info("listening on %s:%d", listen.address, listen.port)
 
     async def serve(self, sock: socket.socket | None = None) -> None:
+        """Serve until TERM/INT (drain, then exit) or QUIT (exit now)."""
         await self.start(sock)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.loop.add_signal_handler(signum, self._stopped.set)
-        await self._stopped.wait()
-        await self.stop()
-
-    async def stop(self) -> None:
-        self._server.close()
-        for session in list(self.sessions):
-            session.force_close(
-                320, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+        stop = self.loop.create_future()
+        for signum, graceful in (
+            (signal.SIGTERM, True),
+            (signal.SIGINT, True),
+            (signal.SIGQUIT, False),
+        ):
+            self.loop.add_signal_handler(
+                signum, lambda g=graceful: stop.done() or stop.set_result(g)
             )
-        for pool in self.pools:
-            for upstream in list(pool.upstreams):
-                upstream.close()
-        await asyncio.sleep(0)
+        if await stop:
+            setproctitle(f"amqplexd: worker {self.slot} (draining)")
+            await self.drain(self.config.drain_timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting; give clients `timeout` to leave, then close them
+        with 320 and close the upstreams politely."""
+        self._server.close()
+        await self._until(lambda: not self.sessions, timeout)
+        for session in list(self.sessions):
+            session.force_close(ReplyCode.CONNECTION_FORCED, SHUTDOWN_TEXT)
+        await self._until(lambda: not self.sessions, self.config.client.close_timeout)
+        upstreams = [upstream for pool in self.pools for upstream in pool.upstreams]
+        for upstream in upstreams:
+            upstream.close()
+        await self._until(
+            lambda: all(u.transport.is_closing() for u in upstreams),
+            self.config.client.close_timeout,
+        )
+
+    async def _until(self, condition: typing.Callable[[], bool], timeout: float) -> None:
+        """Wait for `condition`, checking each loop turn's worth of 50 ms."""
+        deadline = self.loop.time() + timeout
+        while not condition() and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)

@@ -287,6 +287,7 @@ class Upstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.close_reason = "closed by amqplex"
         self.writer.write(
             methods.encode(
                 0,

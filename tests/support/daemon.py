@@ -13,6 +13,11 @@ import time
 from tests.support.broker import BROKER_HOST, BROKER_PORT
 
 
+# Tests stop daemons often: a client a test left connected must not hold up
+# the drain for the production default of 30 s.
+TEST_ENV = {"AMQP_DRAIN_TIMEOUT": "2"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,7 +57,7 @@ class Amqplexd:
             ],
             stdout=log_fd,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **TEST_ENV, **(env or {})},
         )
         os.close(log_fd)
         wait_listening(self.port, time.monotonic() + 20, self.process)

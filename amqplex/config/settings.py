@@ -1,0 +1,128 @@
+"""Every setting of amqplex, its default, its allowed values and what it is for.
+
+The dataclasses are the schema: loading (load.py) fills them from a file,
+the environment and the command line, and validates each value against the
+bounds given here, naming the key when one is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import urllib.parse
+
+
+def setting(default, help: str, *, minimum=None, maximum=None, choices=None, secret=False):
+    """A dataclass field with its documentation and bounds."""
+    meta = {"help": help, "min": minimum, "max": maximum, "choices": choices, "secret": secret}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(slots=True)
+class ListenConfig:
+    address: str = setting("0.0.0.0", "address clients connect to")
+    port: int = setting(5673, "port clients connect to", minimum=1, maximum=65535)
+
+
+@dataclasses.dataclass(slots=True)
+class UpstreamConfig:
+    url: str = setting(
+        "amqp://127.0.0.1:5672",
+        "the broker, amqp://host:port (user, password and vhost in it are ignored: "
+        "each client brings its own)",
+    )
+    heartbeat: int = setting(
+        60, "heartbeat (s) the proxy keeps with the broker; 0 for none", minimum=0, maximum=65535
+    )
+    connect_timeout: float = setting(
+        10.0, "bound (s) on dialling and handshaking with the broker", minimum=0.1
+    )
+    exchange_types: list = setting(
+        [],
+        "exchange types from broker plugins (e.g. x-delayed-message) that clients may "
+        "declare, beside direct, fanout, topic and headers",
+    )
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urllib.parse.urlsplit(self.url).port or 5672
+
+
+@dataclasses.dataclass(slots=True)
+class PoolConfig:
+    max_channels: int = setting(
+        2047,
+        "channels per upstream connection (the broker's channel_max caps it too)",
+        minimum=1,
+        maximum=65535,
+    )
+    max_upstream_connections: int = setting(
+        0, "upstream connections per (user, password, vhost); 0 for no limit", minimum=0
+    )
+    max_client_connections: int = setting(
+        0, "client connections per worker; 0 for no limit", minimum=0
+    )
+    idle_channels: int = setting(
+        4,
+        "pre-opened upstream channels per pool, so a client's Channel.Open costs no round trip",
+        minimum=0,
+        maximum=1000,
+    )
+    idle_timeout: float = setting(
+        300.0, "an upstream with no client channels this long (s) is closed", minimum=0
+    )
+    cleanup_interval: float = setting(
+        30.0, "how often (s) idle upstreams are looked for", minimum=0.1
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class ClientConfig:
+    handshake_timeout: float = setting(
+        10.0,
+        "a client must finish its handshake (header to Connection.Open) in this time (s)",
+        minimum=0.1,
+    )
+    heartbeat: int = setting(
+        60,
+        "heartbeat (s) offered to clients; they may ask for less or none",
+        minimum=0,
+        maximum=65535,
+    )
+    max_output_buffer: int = setting(
+        64 * 1024 * 1024,
+        "bytes queued for a client that does not read before it is disconnected",
+        minimum=65536,
+    )
+    close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)
+
+
+@dataclasses.dataclass(slots=True)
+class TLSConfig:
+    cert: str = setting("", "PEM certificate for the client listener (file path or base64 PEM)")
+    key: str = setting("", "PEM private key for the client listener", secret=True)
+    ca_cert: str = setting("", "CA bundle that verifies the broker's certificate")
+    client_cert: str = setting("", "certificate presented to the broker (mTLS)")
+    client_key: str = setting("", "key for client_cert", secret=True)
+    skip_verify: bool = setting(False, "do not verify the broker's certificate")
+
+
+@dataclasses.dataclass(slots=True)
+class Config:
+    listen: ListenConfig = dataclasses.field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
+    pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
+    workers: int = setting(
+        os.cpu_count() or 1, "worker processes (default: CPU count)", minimum=1, maximum=256
+    )
+    drain_timeout: float = setting(
+        30.0, "on TERM/INT, how long (s) connected clients get to finish", minimum=0
+    )

@@ -1,0 +1,2 @@
+"""The master process: binds the listener, forks and tends the workers,
+owns the signals (gunicorn's arbiter model)."""

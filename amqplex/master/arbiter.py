@@ -1,0 +1,306 @@
+"""The master: one owner for every signal, gunicorn style.
+
+It binds the listener before forking so all workers accept from one queue,
+keeps `workers` worker processes alive (replacing a dead one, with backoff
+when they keep dying), and turns signals into actions:
+
+  HUP        re-read the configuration; start new workers, drain the old
+  TERM, INT  drain: workers stop accepting, clients get drain_timeout to
+             finish, then Connection.Close 320; exit 0
+  QUIT       exit now
+  TTIN/TTOU  one worker more / less
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import typing
+
+from setproctitle import setproctitle
+
+from amqplex.config import Config, ConfigError
+from amqplex.master import listener
+from amqplex.master.limits import raise_nofile_limit
+from amqplex.master.systemd import notify
+
+log = logging.getLogger(__name__)
+
+# A worker that dies sooner than this after it started counts toward backoff.
+QUICK_DEATH = 5.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+# After drain_timeout and the close handshake, how long before SIGKILL.
+KILL_GRACE = 5.0
+
+
+@dataclasses.dataclass(slots=True)
+class WorkerProcess:
+    pid: int
+    slot: int
+    started: float
+    draining: bool = False
+
+
+class Arbiter:
+    SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "CHLD")
+
+    def __init__(
+        self,
+        config: Config,
+        reload: typing.Callable[[], Config],
+        run_worker: typing.Callable[[Config, socket.socket, int], int],
+    ) -> None:
+        self.config = config
+        self._reload = reload
+        self._run_worker = run_worker
+        self.num_workers = config.workers
+        self.workers: dict[int, WorkerProcess] = {}
+        self.listener: socket.socket | None = None
+        self._signals: list[int] = []
+        self._wake_r = self._wake_w = -1
+        self._failures = 0
+        self._next_spawn = 0.0
+
+    # -- the main loop ---------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        while True:
+            if self._signals:
+                name = signal.Signals(self._signals.pop(0)).name[3:]
+                exit_code = getattr(self, f"handle_{name.lower()}")()
+                if exit_code is not None:
+                    return exit_code
+                continue
+            self.maintain_workers()
+            self._sleep(max(0.05, min(1.0, self._next_spawn - time.monotonic())))
+
+    def start(self) -> None:
+        raise_nofile_limit()
+        listen = self.config.listen
+        self.listener = listener.bind(listen.address, listen.port)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), self._on_signal)
+        self._set_title()
+        log.info(
+            "master %d listening on %s:%d for %s with %d workers",
+            os.getpid(),
+            listen.address,
+            listen.port,
+            self.config.upstream.url,
+            self.num_workers,
+        )
+        self.maintain_workers()
+        notify(f"READY=1\nMAINPID={os.getpid()}")
+
+    def _set_title(self) -> None:
+        listen = self.config.listen
+        setproctitle(
+            f"amqplexd: master [{listen.address}:{listen.port} -> "
+            f"{self.config.upstream.url}, {self.num_workers} workers]"
+        )
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b".")
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EINTR):
+                raise
+
+    def _sleep(self, timeout: float) -> None:
+        try:
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+            if ready:
+                while os.read(self._wake_r, 4096):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- workers ---------------------------------------------------------------
+
+    def active(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if not w.draining]
+
+    def maintain_workers(self) -> None:
+        active = self.active()
+        for extra in sorted(active, key=lambda w: w.slot)[self.num_workers :]:
+            self._drain(extra)
+        missing = sorted(set(range(1, self.num_workers + 1)) - {w.slot for w in self.active()})
+        if missing and time.monotonic() >= self._next_spawn:
+            for slot in missing:
+                self.spawn_worker(slot)
+
+    def spawn_worker(self, slot: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = WorkerProcess(pid, slot, time.monotonic())
+            return
+        # The child: the master's signals and pipe are not its business.
+        code = 1
+        try:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            code = self._run_worker(self.config, self.listener, slot)
+        except BaseException:
+            log.exception("worker %d failed", slot)
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)
+
+    def _drain(self, worker: WorkerProcess) -> None:
+        worker.draining = True
+        self._kill(worker.pid, signal.SIGTERM)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            lived = time.monotonic() - worker.started
+            how = _exit_description(status)
+            if worker.draining:
+                log.info("worker %d (pid %d) finished draining: %s", worker.slot, pid, how)
+                continue
+            if lived < QUICK_DEATH:
+                self._failures += 1
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
+                self._next_spawn = time.monotonic() + delay
+                log.error(
+                    "worker %d (pid %d) died after %.1f s: %s; restarting in %.1f s",
+                    worker.slot,
+                    pid,
+                    lived,
+                    how,
+                    delay,
+                )
+            else:
+                self._failures = 0
+                log.error("worker %d (pid %d) died: %s; restarting it", worker.slot, pid, how)
+
+    # -- signal handlers -----------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_hup(self) -> None:
+        """Reload: new workers with the new configuration start accepting from
+        the same listener before the old ones stop, so nobody is refused."""
+        log.info("HUP: reloading configuration")
+        notify("RELOADING=1")
+        try:
+            new = self._reload()
+        except ConfigError as error:
+            log.error("reload refused, keeping the running configuration: %s", error)
+            notify("READY=1")
+            return
+        old_listener = None
+        if (new.listen.address, new.listen.port) != (
+            self.config.listen.address,
+            self.config.listen.port,
+        ):
+            try:
+                sock = listener.bind(new.listen.address, new.listen.port)
+            except OSError as error:
+                log.error(
+                    "reload refused: cannot listen on %s:%d: %s",
+                    new.listen.address,
+                    new.listen.port,
+                    error,
+                )
+                notify("READY=1")
+                return
+            old_listener, self.listener = self.listener, sock
+        old_workers = self.active()
+        self.config = new
+        self.num_workers = new.workers
+        for worker in old_workers:
+            worker.draining = True  # so maintain_workers fills every slot anew
+        self._failures, self._next_spawn = 0, 0.0
+        self.maintain_workers()
+        for worker in old_workers:
+            self._kill(worker.pid, signal.SIGTERM)
+        if old_listener is not None:
+            old_listener.close()
+        self._set_title()
+        notify("READY=1")
+
+    def handle_term(self) -> int:
+        return self._stop(graceful=True)
+
+    def handle_int(self) -> int:
+        return self._stop(graceful=True)
+
+    def handle_quit(self) -> int:
+        return self._stop(graceful=False)
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        log.info("TTIN: %d workers", self.num_workers)
+        self._set_title()
+
+    def handle_ttou(self) -> None:
+        if self.num_workers > 1:
+            self.num_workers -= 1
+        log.info("TTOU: %d workers", self.num_workers)
+        self._set_title()
+
+    def _stop(self, graceful: bool) -> int:
+        notify("STOPPING=1")
+        log.info(
+            "%s: stopping %d workers", "draining" if graceful else "exiting now", len(self.workers)
+        )
+        for worker in list(self.workers.values()):
+            worker.draining = True
+            self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+        grace = (
+            self.config.drain_timeout + self.config.client.close_timeout + KILL_GRACE
+            if graceful
+            else KILL_GRACE
+        )
+        deadline = time.monotonic() + grace
+        while self.workers and time.monotonic() < deadline:
+            self._sleep(min(0.2, max(0.01, deadline - time.monotonic())))
+            if signal.SIGQUIT in self._signals:
+                return self._stop(graceful=False) if graceful else 0
+            self._signals.clear()
+            self.reap_workers()
+        for worker in list(self.workers.values()):
+            log.warning(
+                "worker %d (pid %d) did not stop in time; killing it", worker.slot, worker.pid
+            )
+            self._kill(worker.pid, signal.SIGKILL)
+        self.listener.close()
+        log.info("master %d exiting", os.getpid())
+        return 0
+
+
+def _exit_description(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
