@@ -9,7 +9,7 @@ import sys
 
 from amqplex import __version__
 from amqplex.config import Config, ConfigError, load
-from amqplex.config.load import describe
+from amqplex.config.load import describe, reference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="validate the configuration, print it with secrets masked, and exit",
     )
+    parser.add_argument(
+        "--print-defaults",
+        action="store_true",
+        help="print every setting with its default and meaning, as YAML, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"amqplexd {__version__}")
     return parser.parse_args(argv)
 
@@ -53,6 +58,9 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.print_defaults:
+        print(reference(), end="")
+        sys.exit(0)
     try:
         config = load(args.config, os.environ, overrides(args))
     except ConfigError as error:

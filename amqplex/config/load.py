@@ -138,6 +138,35 @@ def describe(config: Config) -> str:
     return yaml.safe_dump(out, sort_keys=False)
 
 
+def reference() -> str:
+    """Every key with its default and its help, as a commented YAML file:
+    what etc/amqplex.yaml is made of (amqplexd --print-defaults)."""
+    config = Config()
+    lines = [
+        "# amqplex configuration: every key, with its default.",
+        "# Environment variables AMQP_<SECTION>_<KEY> override this file",
+        "# (AMQP_POOL_MAX_CHANNELS=500); command-line flags override both.",
+        "# Durations are seconds, or text like 500ms, 30s, 5m, 1h.",
+    ]
+    current_section = None
+    for key in _all_keys(config):
+        target, field = _locate(config, key)
+        section, _, name = key.rpartition(".")
+        if section != current_section:
+            lines.append("")
+            if section:
+                lines.append(f"{section}:")
+            current_section = section
+        indent = "  " if section else ""
+        rendered = yaml.safe_dump(
+            {name: getattr(target, field.name)}, default_flow_style=True
+        ).strip()[1:-1]
+        lines.append(f"{indent}# {field.metadata['help']}")
+        # The default worker count is the machine's CPU count: left unset.
+        lines.append(f"{indent}{'# ' if key == 'workers' else ''}{rendered}")
+    return "\n".join(lines) + "\n"
+
+
 # -- the schema, walked --------------------------------------------------------
 
 
