@@ -1,0 +1,207 @@
+"""The pre-fork master as operators drive it: real daemon, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pika
+import pytest
+
+from tests.conftest import proxy_params
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+
+
+def wait_until(predicate, timeout: float = 15, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def workers(master_pid: int) -> dict[int, str]:
+    """The master's child processes and their titles."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            if ppid != master_pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                found[int(entry)] = handle.read().replace(b"\0", b" ").decode().strip()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return found
+
+
+def title(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode().strip()
+
+
+def serving_workers(master_pid: int) -> dict[int, str]:
+    return {pid: t for pid, t in workers(master_pid).items() if "draining" not in t}
+
+
+def publish_once(port: int, queue: str) -> None:
+    connection = pika.BlockingConnection(proxy_params(port))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("", queue, b"m")
+    connection.close()
+
+
+def message_count(queue: str) -> int:
+    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+    count = connection.channel().queue_declare(queue, passive=True).method.message_count
+    connection.close()
+    return count
+
+
+def test_master_and_workers_are_named_in_ps(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "2")
+    assert title(daemon.process.pid).startswith("amqplexd: master [")
+    titles = sorted(
+        wait_until(
+            lambda: len(workers(daemon.process.pid)) == 2 and workers(daemon.process.pid)
+        ).values()
+    )
+    assert titles == ["amqplexd: worker 1", "amqplexd: worker 2"]
+
+
+def test_a_dead_worker_is_replaced_and_the_master_says_why(fresh_amqplexd, queue_name):
+    daemon = fresh_amqplexd("-w", "1")
+    setup = pika.BlockingConnection(proxy_params(daemon.port))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    (victim,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    os.kill(victim, signal.SIGKILL)
+    (replacement,) = wait_until(
+        lambda: [pid for pid in serving_workers(daemon.process.pid) if pid != victim]
+    )
+    assert title(replacement) == "amqplexd: worker 1"
+    assert wait_until(lambda: "killed by SIGKILL" in daemon.log_text())
+    publish_once(daemon.port, queue_name)
+    assert message_count(queue_name) == 1
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1")
+    seen: set[int] = set()
+    for _ in range(3):
+        pid = wait_until(
+            lambda: next((p for p in serving_workers(daemon.process.pid) if p not in seen), None)
+        )
+        seen.add(pid)
+        os.kill(pid, signal.SIGKILL)
+    log = wait_until(lambda: "restarting in 1.0 s" in daemon.log_text() and daemon.log_text())
+    assert "restarting in 0.5 s" in log
+
+
+def test_hup_replaces_workers_without_failing_a_client_or_losing_a_message(
+    fresh_amqplexd, queue_name
+):
+    daemon = fresh_amqplexd("-w", "2")
+    setup = pika.BlockingConnection(proxy_params(daemon.port))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    published = 0
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def churn() -> None:
+        nonlocal published
+        while not stop.is_set():
+            try:
+                publish_once(daemon.port, queue_name)
+            except BaseException as error:  # every failure counts
+                errors.append(error)
+                return
+            with lock:
+                published += 1
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            before = set(serving_workers(daemon.process.pid))
+            target = published + 20
+            wait_until(lambda t=target: published >= t or errors)
+            os.kill(daemon.process.pid, signal.SIGHUP)
+            wait_until(lambda b=before: not (set(serving_workers(daemon.process.pid)) & b))
+        target = published + 20
+        wait_until(lambda: published >= target or errors)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    assert published >= 80
+    assert message_count(queue_name) == published
+
+
+def test_hup_with_a_bad_configuration_keeps_the_running_one(fresh_amqplexd, tmp_path):
+    config = tmp_path / "amqplex.yaml"
+    config.write_text("pool:\n  max_channels: 100\n")
+    daemon = fresh_amqplexd("-w", "1", "-c", str(config))
+    before = wait_until(lambda: serving_workers(daemon.process.pid))
+    config.write_text("pool:\n  max_channels: -5\n")
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    log = wait_until(lambda: "reload refused" in daemon.log_text() and daemon.log_text())
+    assert "pool.max_channels" in log
+    assert serving_workers(daemon.process.pid) == before
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    assert connection.channel().is_open
+    connection.close()
+
+
+def test_term_drains_then_closes_with_320_and_exits_0(fresh_amqplexd, queue_name):
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_DRAIN_TIMEOUT": "2"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    channel = connection.channel()
+    channel.queue_declare(queue_name)
+    channel.confirm_delivery()
+    for _ in range(10):
+        channel.basic_publish("", queue_name, b"before")
+    started = time.monotonic()
+    os.kill(daemon.process.pid, signal.SIGTERM)
+    # Still served while draining.
+    channel.basic_publish("", queue_name, b"during")
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+        connection.process_data_events(time_limit=10)
+        connection.process_data_events(time_limit=10)
+    assert closed.value.reply_code == 320
+    assert daemon.process.wait(15) == 0
+    assert time.monotonic() - started >= 1.5
+    assert message_count(queue_name) == 11
+
+
+def test_quit_exits_at_once(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1")
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    started = time.monotonic()
+    os.kill(daemon.process.pid, signal.SIGQUIT)
+    daemon.process.wait(10)
+    assert time.monotonic() - started < 3
+    with pytest.raises(pika.exceptions.AMQPError):
+        connection.process_data_events(time_limit=2)
+        connection.channel()
+
+
+def test_ttin_adds_and_ttou_removes_a_worker(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1")
+    wait_until(lambda: len(serving_workers(daemon.process.pid)) == 1)
+    os.kill(daemon.process.pid, signal.SIGTTIN)
+    wait_until(lambda: len(serving_workers(daemon.process.pid)) == 2)
+    os.kill(daemon.process.pid, signal.SIGTTOU)
+    wait_until(lambda: len(workers(daemon.process.pid)) == 1)
