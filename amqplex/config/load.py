@@ -69,6 +69,8 @@ def apply_mapping(config: Config, data: dict, source: str) -> None:
     sections = _sections(config)
     for key, value in data.items():
         if key in sections:
+            if value is None:
+                continue  # `tls:` with every key under it commented out
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section of settings, got {value!r}")
             for name, item in value.items():
@@ -162,8 +164,11 @@ def reference() -> str:
             {name: getattr(target, field.name)}, default_flow_style=True
         ).strip()[1:-1]
         lines.append(f"{indent}# {field.metadata['help']}")
-        # The default worker count is the machine's CPU count: left unset.
-        lines.append(f"{indent}{'# ' if key == 'workers' else ''}{rendered}")
+        if key == "workers":
+            # The default is the CPU count of the machine that runs amqplexd, not
+            # of the one that generated this file: left unset, and said so.
+            rendered = f"# {name}: <CPU count>"
+        lines.append(f"{indent}{rendered}")
     return "\n".join(lines) + "\n"
 
 

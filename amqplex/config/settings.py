@@ -74,6 +74,12 @@ class PoolConfig:
         minimum=0,
         maximum=1000,
     )
+    acquire_timeout: float = setting(
+        5.0,
+        "how long (s) a client's Channel.Open may wait for an upstream channel when "
+        "every allowed upstream is full, before the client is refused",
+        minimum=0.1,
+    )
     idle_timeout: float = setting(
         300.0, "an upstream with no client channels this long (s) is closed", minimum=0
     )

@@ -22,12 +22,14 @@ class Credentials:
 
 
 def parse_response(mechanism: str, response: bytes | str) -> Credentials:
-    raw = response.encode("latin-1") if isinstance(response, str) else bytes(response)
+    # pamqp hands over the response as text when it is valid UTF-8, else as
+    # bytes: encoding it back as UTF-8 restores the bytes the client sent.
+    raw = response.encode() if isinstance(response, str) else bytes(response)
     if mechanism == "PLAIN":
         parts = raw.split(b"\x00")
         if len(parts) != 3:
             raise _refused("malformed PLAIN response")
-        return Credentials(parts[1].decode(), parts[2].decode())
+        return Credentials(_text(parts[1]), _text(parts[2]))
     if mechanism == "AMQPLAIN":
         try:
             _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
@@ -45,7 +47,13 @@ def plain_response(credentials: Credentials) -> str:
 
 
 def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+    if not isinstance(value, bytes | bytearray):
+        return str(value)
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        # Credentials the broker could never match; the error names no bytes.
+        raise _refused("credentials are not valid UTF-8") from None
 
 
 def _refused(detail: str) -> ConnectionException:

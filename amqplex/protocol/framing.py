@@ -34,10 +34,14 @@ class FrameSplitter:
     """Cuts frames out of the bytes a peer sends, checking each frame's type,
     size and end octet as RabbitMQ does (501 FRAME_ERROR otherwise)."""
 
-    __slots__ = ("frame_max", "_pending")
+    __slots__ = ("frame_max", "slack", "_pending")
 
-    def __init__(self, frame_max: int) -> None:
+    def __init__(self, frame_max: int, slack: int = 0) -> None:
         self.frame_max = frame_max
+        # Bytes a frame may exceed frame_max by. RabbitMQ lets clients off by
+        # up to 8 (its FRAME_SIZE_FUDGE: a payload may be frame_max long), so
+        # the proxy's client side does too.
+        self.slack = slack
         self._pending = b""
 
     def split(self, data: bytes) -> list[Frame]:
@@ -54,11 +58,11 @@ class FrameSplitter:
                 raise ConnectionException(
                     ReplyCode.FRAME_ERROR, f"type {frame_type}, all octets = <<>>"
                 )
-            if size + FRAME_OVERHEAD > self.frame_max:
+            if size + FRAME_OVERHEAD > self.frame_max + self.slack:
                 raise ConnectionException(
                     ReplyCode.FRAME_ERROR,
-                    f"frame size {size + FRAME_OVERHEAD} larger than "
-                    f"negotiated maximum {self.frame_max}",
+                    f"type {frame_type}, all octets = <<>>: "
+                    f"{{frame_too_large,{size},{self.frame_max - FRAME_OVERHEAD}}}",
                 )
             end = pos + FRAME_HEADER_SIZE + size
             if size_left < size + FRAME_OVERHEAD:

@@ -40,6 +40,7 @@ if typing.TYPE_CHECKING:
     from amqplex.worker.upstream_channel import UpstreamChannel
 
 _PUBLISH = commands.Basic.Publish.index
+_PUBLISH_IDS = methods.ids(commands.Basic.Publish)
 _CHANNEL_OPEN = commands.Channel.Open.index
 _CHANNEL_CLOSE = commands.Channel.Close.index
 _CHANNEL_CLOSE_OK = commands.Channel.CloseOk.index
@@ -47,6 +48,7 @@ _QUEUE_DECLARE = commands.Queue.Declare.index
 _QUEUE_DECLARE_OK = commands.Queue.DeclareOk.index
 _QUEUE_DELETE = commands.Queue.Delete.index
 _BASIC_CANCEL = commands.Basic.Cancel.index
+_DELIVERIES = frozenset((commands.Basic.Deliver.index, commands.Basic.GetOk.index))
 # Methods that name a queue: another client's exclusive queue is off limits.
 _NAMES_QUEUE = frozenset(
     m.index
@@ -136,7 +138,7 @@ class ClientChannel:
             return
         if frame_type == FRAME_METHOD:
             if self.expect != _EXPECT_METHOD:
-                raise _unexpected_frame("method", self.expect)
+                raise _unexpected_frame(self.expect)
             index = method_index(frame)
             if index == _PUBLISH:
                 check_publish(frame)
@@ -146,12 +148,13 @@ class ClientChannel:
             self._method(index, frame)
         elif frame_type == FRAME_HEADER:
             if self.expect != _EXPECT_HEADER:
-                raise _unexpected_frame("content header", self.expect)
+                raise _unexpected_frame(self.expect)
             if content_class(frame) != BASIC_CLASS_ID:
                 raise ConnectionException(
-                    ReplyCode.FRAME_ERROR,
+                    ReplyCode.UNEXPECTED_FRAME,
                     f"expected content header for class {BASIC_CLASS_ID}, got one "
                     f"for class {content_class(frame)} instead",
+                    *_PUBLISH_IDS,
                 )
             self.content.append(frame)
             self.body_left = content_body_size(frame)
@@ -161,7 +164,7 @@ class ClientChannel:
                 self.expect = _EXPECT_BODY
         elif frame_type == FRAME_BODY:
             if self.expect != _EXPECT_BODY:
-                raise _unexpected_frame("content body", self.expect)
+                raise _unexpected_frame(self.expect)
             self.body_left -= payload_size(frame)
             if self.body_left < 0:
                 raise ConnectionException(
@@ -171,9 +174,8 @@ class ClientChannel:
             if self.body_left == 0:
                 self._send_content()
         elif frame_type == FRAME_HEARTBEAT:
-            raise ConnectionException(
-                ReplyCode.FRAME_ERROR, f"heartbeat frame on channel {self.cid}"
-            )
+            # RabbitMQ: heartbeats belong on channel 0.
+            raise ConnectionException(ReplyCode.UNEXPECTED_FRAME, "type 8, all octets = <<>>")
 
     def _method(self, index: int, frame: bytes) -> None:
         if index == _CHANNEL_CLOSE:
@@ -219,6 +221,7 @@ class ClientChannel:
             upstream.stall(self.session)
 
     def _send_content(self) -> None:
+        self.session.worker.stats.messages_published += 1
         content, self.content = self.content, []
         self.expect = _EXPECT_METHOD
         slot = self.slot
@@ -284,6 +287,8 @@ class ClientChannel:
                 if self.declares.popleft():
                     queue = methods.decode(frame).queue
                     session.pool.own(queue, session, self.slot.upstream)
+            elif index in _DELIVERIES:
+                session.worker.stats.messages_delivered += 1
             elif index == _BASIC_CANCEL and not session.cancel_notify:
                 # The broker drops such consumers silently for clients that
                 # did not advertise consumer_cancel_notify.
@@ -309,11 +314,15 @@ class ClientChannel:
             slot.close()
 
 
-def _unexpected_frame(got: str, expect: int) -> ConnectionException:
-    wanted = "content header" if expect == _EXPECT_HEADER else "content body"
+def _unexpected_frame(expect: int) -> ConnectionException:
+    """A frame out of content order, in RabbitMQ's words; mid-content the
+    error names the publish being assembled."""
     if expect == _EXPECT_METHOD:
-        wanted = "method"
-    return ConnectionException(
-        ReplyCode.UNEXPECTED_FRAME,
-        f"expected {wanted} frame, got {got} frame instead",
-    )
+        return ConnectionException(
+            ReplyCode.UNEXPECTED_FRAME, "expected method frame, got non method frame instead"
+        )
+    if expect == _EXPECT_HEADER:
+        detail = f"expected content header for class {BASIC_CLASS_ID}, got non content header"
+    else:
+        detail = "expected content body, got non content body"
+    return ConnectionException(ReplyCode.UNEXPECTED_FRAME, f"{detail} frame instead", *_PUBLISH_IDS)

@@ -5,6 +5,8 @@ A pool exists only once the broker has accepted its credentials, and a
 pooled upstream is reused only for the identical triple (DESIGN rule 2). It
 fills open upstreams before dialling another (rule 4) and keeps a few
 pre-opened idle channels so a client's Channel.Open costs no round trip.
+When its last upstream is lost it redials with backoff (rule 8); upstreams
+nobody uses are closed by the sweep, and a pool nobody uses disappears.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import typing
 from amqplex.config import Config
 from amqplex.protocol.auth import Credentials
 from amqplex.protocol.constants import ReplyCode
-from amqplex.worker.upstream import Upstream
+from amqplex.worker.backoff import Backoff
+from amqplex.worker.upstream import Upstream, UpstreamRefused
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.client_channel import ClientChannel
@@ -30,6 +33,10 @@ log = logging.getLogger(__name__)
 PoolKey = tuple[Credentials, str]
 
 
+class UpstreamUnavailable(Exception):
+    """The broker cannot be reached now; the pool is waiting to redial."""
+
+
 class Pool:
     def __init__(self, worker: Worker, credentials: Credentials, vhost: str) -> None:
         self.worker = worker
@@ -39,28 +46,58 @@ class Pool:
         self.upstreams: list[Upstream] = []
         self.idle: collections.deque[UpstreamChannel] = collections.deque()
         self.idle_opening = 0
-        # Client channels waiting for an upstream with room.
-        self.waiting: collections.deque[ClientChannel] = collections.deque()
+        # Client channels waiting for an upstream with room, each with the
+        # timer that refuses it if none comes in time.
+        self.waiting: dict[ClientChannel, asyncio.TimerHandle] = {}
         self.sessions: set[ClientSession] = set()
         # Exclusive and server-named queues, by name: the client that declared
         # each and the upstream that owns it at the broker (DESIGN rule 7).
         self.owners: dict[str, ClientSession] = {}
         self._owned_on: dict[str, Upstream] = {}
         self._dial: asyncio.Task | None = None
+        self._reconnect: asyncio.Task | None = None
+        self.unavailable = ""
+        self.unused_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Pool user={self.credentials.username!r} vhost={self.vhost!r}>"
 
-    # -- upstreams ---------------------------------------------------------------
+    @property
+    def reconnecting(self) -> bool:
+        return self._reconnect is not None
 
-    async def dial(self) -> Upstream:
-        upstream = await Upstream.open(
-            self,
-            self.config.upstream,
-            self.credentials,
-            self.vhost,
-            self.config.pool.max_channels,
-        )
+    # -- dialling ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Make sure an upstream is open: join the dial under way or start one.
+        While the pool waits to redial a broker that went away, fail fast
+        instead of hammering it (UpstreamUnavailable)."""
+        if self.upstreams:
+            return
+        if self._dial is None:
+            if self._reconnect is not None:
+                raise UpstreamUnavailable(self.unavailable)
+            self._start_dial()
+        await asyncio.shield(self._dial)
+
+    def _start_dial(self) -> None:
+        if self._dial is None:
+            self._dial = self.worker.spawn(self._dial_once())
+
+    async def _dial_once(self) -> Upstream:
+        try:
+            upstream = await Upstream.open(
+                self,
+                self.config.upstream,
+                self.credentials,
+                self.vhost,
+                self.config.pool.max_channels,
+            )
+        except BaseException as error:
+            self._dial_failed(error)
+            raise
+        finally:
+            self._dial = None
         self.upstreams.append(upstream)
         self.worker.learn(upstream)
         log.info(
@@ -73,29 +110,66 @@ class Pool:
         self.replenish_idle()
         return upstream
 
+    def _dial_failed(self, error: BaseException) -> None:
+        self.unavailable = _describe(error)
+        log.warning("dial for %r failed: %s", self, self.unavailable)
+        for channel in list(self.waiting):
+            self._stop_waiting(channel)
+            channel.session.force_close(
+                ReplyCode.CONNECTION_FORCED,
+                f"CONNECTION_FORCED - upstream unavailable: {self.unavailable}",
+            )
+
     def _may_dial(self) -> bool:
         limit = self.config.pool.max_upstream_connections
-        return self._dial is None and (limit == 0 or len(self.upstreams) < limit)
+        return limit == 0 or len(self.upstreams) < limit
 
-    def _start_dial(self) -> None:
-        if self._may_dial():
-            self._dial = self.worker.spawn(self._dial_for_waiting())
-
-    async def _dial_for_waiting(self) -> None:
+    async def _redial(self) -> None:
+        """Redial after the last upstream was lost, with backoff, until the
+        broker answers (or refuses these credentials: then the pool goes)."""
+        backoff = Backoff()
         try:
-            await self.dial()
-        except Exception as error:  # refused, unreachable, timed out
-            log.warning("dial for %r failed: %s", self, error)
-            waiting, self.waiting = self.waiting, collections.deque()
-            for channel in waiting:
-                channel.session.force_close(
-                    ReplyCode.CONNECTION_FORCED,
-                    f"CONNECTION_FORCED - upstream unavailable: {error}",
-                )
+            while not self.upstreams:
+                await asyncio.sleep(backoff.next_delay())
+                if self.upstreams:
+                    break
+                self.worker.stats.upstream_reconnect_attempts += 1
+                self._start_dial()
+                try:
+                    await asyncio.shield(self._dial)
+                except UpstreamRefused:
+                    self.worker.pools.discard(self)
+                    return
+                except Exception:  # unreachable, timed out: try again later
+                    continue
         finally:
-            self._dial = None
-        if self.waiting:
-            self._start_dial()
+            self._reconnect = None
+
+    def upstream_lost(self, upstream: Upstream, reason: str, expected: bool) -> None:
+        """Every client of a lost upstream gets 320 CONNECTION_FORCED, then the
+        pool redials with backoff (DESIGN rule 8)."""
+        self._forget(upstream)
+        if expected:
+            log.info("upstream for %r closed", self)
+            return
+        log.warning("upstream for %r lost: %s", self, reason)
+        sessions = {slot.client.session for slot in upstream.slots.values() if slot.client}
+        for session in sessions:
+            session.force_close(ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}")
+        if not self.upstreams and self._reconnect is None:
+            self.unavailable = reason
+            self._reconnect = self.worker.spawn(self._redial())
+
+    def _forget(self, upstream: Upstream) -> None:
+        if upstream in self.upstreams:
+            self.upstreams.remove(upstream)
+        self.idle = collections.deque(s for s in self.idle if s.upstream is not upstream)
+        self.idle_opening = sum(
+            1 for u in self.upstreams for s in u.slots.values() if s.opening and not s.client
+        )
+        for name, owner_upstream in list(self._owned_on.items()):
+            if owner_upstream is upstream:
+                self.disown(name, self.owners.get(name))
 
     def _room(self, preferred: Upstream | None) -> Upstream | None:
         if preferred is not None and preferred.has_room:
@@ -104,25 +178,6 @@ class Pool:
             if upstream.has_room:
                 return upstream
         return None
-
-    def upstream_lost(self, upstream: Upstream, reason: str) -> None:
-        """Every client of a lost upstream gets 320 CONNECTION_FORCED (rule 8)."""
-        if upstream in self.upstreams:
-            self.upstreams.remove(upstream)
-        if reason == "closed by amqplex":
-            log.info("upstream for %r closed", self)
-        else:
-            log.warning("upstream for %r lost: %s", self, reason)
-        self.idle = collections.deque(s for s in self.idle if s.upstream is not upstream)
-        sessions = {slot.client.session for slot in upstream.slots.values() if slot.client}
-        for session in sessions:
-            session.force_close(ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}")
-        for name, owner_upstream in list(self._owned_on.items()):
-            if owner_upstream is upstream:
-                self.disown(name, self.owners.get(name))
-        self.idle_opening = sum(
-            1 for u in self.upstreams for s in u.slots.values() if s.opening and not s.client
-        )
 
     def channel_freed(self, upstream: Upstream) -> None:
         if self.waiting:
@@ -133,7 +188,7 @@ class Pool:
     def attach(self, channel: ClientChannel) -> None:
         """Carry a client's new channel: an idle pre-opened one if there is one
         (answered at once), else a new channel on an upstream with room, else
-        wait for a dial."""
+        wait a bounded time for a dial or a freed channel."""
         home = channel.session.home
         slot = self._take_idle(home)
         if slot is not None:
@@ -144,19 +199,35 @@ class Pool:
         if upstream is not None:
             channel.bind(upstream.open_channel(), answer_open=True)
             return
-        self.waiting.append(channel)
-        self._start_dial()
+        timeout = self.config.pool.acquire_timeout
+        self.waiting[channel] = self.worker.loop.call_later(timeout, self._waited_too_long, channel)
+        if self._may_dial():
+            self._start_dial()
+
+    def _waited_too_long(self, channel: ClientChannel) -> None:
+        self.waiting.pop(channel, None)
+        limit = self.config.pool.max_upstream_connections
+        channel.session.force_close(
+            ReplyCode.NOT_ALLOWED,
+            f"NOT_ALLOWED - no upstream channel free within "
+            f"{self.config.pool.acquire_timeout:g} s (pool.max_upstream_connections={limit}, "
+            f"pool.max_channels={self.config.pool.max_channels})",
+        )
+
+    def _stop_waiting(self, channel: ClientChannel) -> None:
+        timer = self.waiting.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
 
     def _serve_waiting(self) -> None:
-        while self.waiting:
-            channel = self.waiting[0]
+        for channel in list(self.waiting):
             if channel.session.channels.get(channel.cid) is not channel:
-                self.waiting.popleft()  # its client left or closed it meanwhile
+                self._stop_waiting(channel)  # its client left or closed it meanwhile
                 continue
             upstream = self._room(channel.session.home)
             if upstream is None:
                 return
-            self.waiting.popleft()
+            self._stop_waiting(channel)
             channel.bind(upstream.open_channel(), answer_open=True)
 
     def _take_idle(self, home: Upstream | None) -> UpstreamChannel | None:
@@ -186,6 +257,39 @@ class Pool:
     def forget_idle(self, slot: UpstreamChannel) -> None:
         if slot in self.idle:
             self.idle.remove(slot)
+
+    # -- idle cleanup ------------------------------------------------------------------
+
+    def sweep(self, now: float) -> bool:
+        """Close upstreams that carried no client channel for idle_timeout;
+        True when the whole pool is unused and can be dropped."""
+        idle_timeout = self.config.pool.idle_timeout
+        for upstream in list(self.upstreams):
+            if any(slot.client is not None for slot in upstream.slots.values()):
+                upstream.idle_since = None
+            elif upstream.idle_since is None:
+                upstream.idle_since = now
+            elif now - upstream.idle_since >= idle_timeout:
+                log.info(
+                    "closing upstream for %r: idle for %.0f s", self, now - upstream.idle_since
+                )
+                self._forget(upstream)
+                upstream.close()
+        if self.sessions or self.waiting or self._dial is not None:
+            self.unused_since = None
+            return False
+        if self.unused_since is None:
+            self.unused_since = now
+        return not self.upstreams and (
+            self._reconnect is None or now - self.unused_since >= idle_timeout
+        )
+
+    def drop(self) -> None:
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        for upstream in list(self.upstreams):
+            self._forget(upstream)
+            upstream.close()
 
     # -- sessions, queue ownership, flow ------------------------------------------
 
@@ -232,36 +336,55 @@ class Pools:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._pools: dict[PoolKey, Pool] = {}
-        self._verifying: dict[PoolKey, asyncio.Future] = {}
+        # Pools whose first dial is under way: not trusted until it succeeds.
+        self._candidates: dict[PoolKey, Pool] = {}
 
-    def __iter__(self):
-        return iter(self._pools.values())
+    def __iter__(self) -> typing.Iterator[Pool]:
+        return iter(list(self._pools.values()))
+
+    def __len__(self) -> int:
+        return len(self._pools)
 
     async def get(self, credentials: Credentials, vhost: str) -> Pool:
         """The pool for exactly these credentials, dialling (and so having the
         broker verify them) if no upstream of theirs is open. A refusal leaves
         nothing behind."""
         key = (credentials, vhost)
-        pool = self._pools.get(key)
-        if pool is not None and pool.upstreams:
-            return pool
-        pending = self._verifying.get(key)
-        if pending is None:
-            pending = self.worker.loop.create_future()
-            self._verifying[key] = pending
-            self.worker.spawn(self._verify(key, pool or Pool(self.worker, *key), pending))
-        return await asyncio.shield(pending)
-
-    async def _verify(self, key: PoolKey, pool: Pool, result: asyncio.Future) -> None:
+        pool = self._pools.get(key) or self._candidates.get(key)
+        if pool is None:
+            pool = self._candidates[key] = Pool(self.worker, credentials, vhost)
         try:
-            await pool.dial()
-        except BaseException as error:
-            result.set_exception(error)
-        else:
+            await pool.connect()
+        except UpstreamRefused:
+            self._remove(key, pool)
+            raise
+        except BaseException:
+            if self._candidates.get(key) is pool:
+                del self._candidates[key]
+            raise
+        if self._candidates.get(key) is pool:
+            del self._candidates[key]
             self._pools[key] = pool
-            result.set_result(pool)
-        finally:
-            del self._verifying[key]
-            # Retrieve it here so a refusal nobody awaited is not logged as lost.
-            if result.done() and not result.cancelled():
-                result.exception()
+        return pool
+
+    def discard(self, pool: Pool) -> None:
+        self._remove((pool.credentials, pool.vhost), pool)
+
+    def _remove(self, key: PoolKey, pool: Pool) -> None:
+        for registry in (self._pools, self._candidates):
+            if registry.get(key) is pool:
+                del registry[key]
+        pool.drop()
+
+    def sweep(self, now: float) -> None:
+        for pool in list(self._pools.values()):
+            if pool.sweep(now):
+                log.info("dropping unused %r", pool)
+                self.discard(pool)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, UpstreamRefused):
+        return error.text
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -72,14 +72,13 @@ def check_client_method(
     method_class = type(method)
     ids = methods.ids(method_class)
     if method_class not in CLIENT_METHODS:
-        raise ConnectionException(
-            ReplyCode.COMMAND_INVALID, f"unexpected method {method.name}", *ids
-        )
+        # RabbitMQ's words for a server-only (or connection) method on a channel.
+        raise ConnectionException(ReplyCode.COMMAND_INVALID, "unimplemented method", *ids)
     if method_class is commands.Exchange.Declare:
         if not method.passive and method.exchange_type not in exchange_types:
             raise ConnectionException(
                 ReplyCode.COMMAND_INVALID,
-                f"invalid exchange type '{method.exchange_type}'",
+                f"unknown exchange type '{method.exchange_type}'",
                 *ids,
             )
     elif method_class is commands.Basic.Qos:

@@ -14,6 +14,7 @@ from amqplex.config import Config
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker.pool import Pools
 from amqplex.worker.session import ClientSession
+from amqplex.worker.stats import Stats
 from amqplex.worker.upstream import Upstream, fetch_server_properties
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Worker:
         self.slot = slot
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pools = Pools(self)
+        self.stats = Stats()
         self.sessions: set[ClientSession] = set()
         self.server_properties: dict = _FALLBACK_SERVER_PROPERTIES
         self.frame_max = _DEFAULT_FRAME_MAX
@@ -56,6 +58,9 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def running_sessions(self) -> int:
+        return sum(1 for session in self.sessions if session.pool is not None)
 
     def learn(self, upstream: Upstream) -> None:
         """Offer clients what the broker offers (DESIGN rules 1 and 3)."""
@@ -83,6 +88,13 @@ class Worker:
                 backlog=4096,
             )
         log.info("listening on %s:%d", listen.address, listen.port)
+        self.spawn(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Close idle upstreams and drop unused pools (pool.cleanup_interval)."""
+        while True:
+            await asyncio.sleep(self.config.pool.cleanup_interval)
+            self.pools.sweep(self.loop.time())
 
     async def serve(self, sock: socket.socket | None = None) -> None:
         """Serve until TERM/INT (drain, then exit) or QUIT (exit now)."""

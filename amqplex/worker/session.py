@@ -21,6 +21,7 @@ from amqplex.protocol.constants import (
     FRAME_HEARTBEAT,
     FRAME_METHOD,
     FRAME_MIN_SIZE,
+    FRAME_OVERHEAD,
     HEARTBEAT_FRAME,
     PROTOCOL_HEADER,
     ReplyCode,
@@ -28,6 +29,7 @@ from amqplex.protocol.constants import (
 from amqplex.protocol.errors import AMQPError, ChannelException, ConnectionException
 from amqplex.protocol.framing import FrameSplitter, method_index
 from amqplex.worker.client_channel import ClientChannel
+from amqplex.worker.pool import UpstreamUnavailable
 from amqplex.worker.upstream import UpstreamRefused
 from amqplex.worker.writer import BatchedWriter
 
@@ -60,7 +62,7 @@ class ClientSession(asyncio.Protocol):
         self.state = State.HEADER
         self.transport: asyncio.Transport | None = None
         self.writer: BatchedWriter | None = None
-        self.splitter = FrameSplitter(worker.frame_max)
+        self.splitter = FrameSplitter(worker.frame_max, slack=FRAME_OVERHEAD)
         self.channels: dict[int, ClientChannel] = {}
         self.pool: Pool | None = None
         self.credentials: Credentials | None = None
@@ -82,18 +84,22 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        transport.set_write_buffer_limits(high=self.config.max_output_buffer)
         self.writer = BatchedWriter(transport, self.loop)
+        self.worker.stats.client_connections += 1
         self.worker.sessions.add(self)
         self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
+        self.worker.stats.bytes_from_clients += len(data)
         if self.state is State.HEADER:
             data = self._protocol_header(data)
             if not data:
                 return
         try:
             frames = self.splitter.split(data)
+            self.worker.stats.frames_from_clients += len(frames)
             if self.state is State.RUNNING:
                 self._running(frames)
             else:
@@ -106,9 +112,18 @@ class ClientSession(asyncio.Protocol):
         self._end()
 
     def pause_writing(self) -> None:
-        # Flow control toward a slow reader is the output limit's job
-        # (see write); the transport's own high-water mark is just a hint.
-        pass
+        """The client stopped reading and its output passed the limit: cut it
+        loose rather than stall the upstream it shares (DESIGN rule 9)."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            self.transport.abort()
+            return
+        log.info("client not reading: %d bytes queued; closing it", self.writer.buffered())
+        self.worker.stats.slow_client_disconnects += 1
+        self._send_close(
+            ReplyCode.CONNECTION_FORCED,
+            "CONNECTION_FORCED - client is not reading its deliveries "
+            f"(over client.max_output_buffer = {self.config.max_output_buffer} bytes)",
+        )
 
     def resume_writing(self) -> None:
         pass
@@ -217,6 +232,14 @@ class ClientSession(asyncio.Protocol):
 
     def _open(self, method: commands.Connection.Open) -> None:
         self.vhost = method.virtual_host or "/"
+        limit = self.worker.config.pool.max_client_connections
+        if limit and self.worker.running_sessions() >= limit:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED,
+                f"access to vhost '{self.vhost}' refused: connection limit ({limit}) is reached "
+                "(pool.max_client_connections)",
+                *methods.ids(commands.Connection.Open),
+            )
         self.state = State.VERIFYING
         self.pause_reading()
         self.worker.spawn(self._verify())
@@ -226,13 +249,15 @@ class ClientSession(asyncio.Protocol):
         try:
             pool = await self.worker.pools.get(self.credentials, self.vhost)
         except UpstreamRefused as refusal:
+            self.worker.stats.authentication_failures += 1
             self._send_close(refusal.code, refusal.text, 10, 40)
             return
-        except (OSError, TimeoutError) as error:
-            log.warning("upstream unavailable for a client: %s", error)
+        except (OSError, TimeoutError, UpstreamUnavailable) as error:
+            reason = str(error) or type(error).__name__
+            log.warning("upstream unavailable for a client: %s", reason)
             self._send_close(
                 ReplyCode.CONNECTION_FORCED,
-                f"CONNECTION_FORCED - upstream unavailable: {error or type(error).__name__}",
+                f"CONNECTION_FORCED - upstream unavailable: {reason}",
             )
             return
         if self.state is not State.VERIFYING:
@@ -275,14 +300,22 @@ class ClientSession(asyncio.Protocol):
                 channel.close_by_proxy(error)
 
     def _new_channel(self, frame_type: int, channel_id: int, frame: bytes) -> None:
-        if frame_type != FRAME_METHOD or method_index(frame) != _CHANNEL_OPEN:
-            raise ConnectionException(ReplyCode.CHANNEL_ERROR, "expected 'channel.open'")
-        if channel_id > self.channel_max:
+        if frame_type != FRAME_METHOD:
             raise ConnectionException(
-                ReplyCode.CHANNEL_ERROR,
-                f"channel_max is {self.channel_max}, channel {channel_id} is out of range",
-                20,
-                10,
+                ReplyCode.UNEXPECTED_FRAME, "expected method frame, got non method frame instead"
+            )
+        index = method_index(frame)
+        if index != _CHANNEL_OPEN:
+            raise ConnectionException(
+                ReplyCode.CHANNEL_ERROR, "expected 'channel.open'", index >> 16, index & 0xFFFF
+            )
+        # Like RabbitMQ, limit how many channels are open, not their ids:
+        # ids are remapped upstream, so any id up to 65535 is fine.
+        if len(self.channels) >= self.channel_max:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED,
+                f"number of channels opened ({len(self.channels)}) has reached "
+                f"the negotiated channel_max ({self.channel_max})",
             )
         channel = ClientChannel(self, channel_id)
         self.channels[channel_id] = channel
@@ -297,9 +330,10 @@ class ClientSession(asyncio.Protocol):
         if isinstance(method, commands.Connection.Close):
             self._client_close()
             return
+        # RabbitMQ's answer to any other channel-0 method once open.
         raise ConnectionException(
-            ReplyCode.COMMAND_INVALID,
-            f"{method.name} unexpected on an open connection",
+            ReplyCode.CHANNEL_ERROR,
+            "unexpected method in connection state running",
             *methods.ids(type(method)),
         )
 
@@ -319,9 +353,15 @@ class ClientSession(asyncio.Protocol):
     # -- writing -------------------------------------------------------------------
 
     def write(self, frame: bytes) -> None:
+        stats = self.worker.stats
+        stats.frames_to_clients += 1
+        stats.bytes_to_clients += len(frame)
         self.writer.write(frame)
 
     def write_many(self, frames: list[bytes]) -> None:
+        stats = self.worker.stats
+        stats.frames_to_clients += len(frames)
+        stats.bytes_to_clients += sum(map(len, frames))
         self.writer.write_many(frames)
 
     def pause_reading(self) -> None:
@@ -377,6 +417,7 @@ class ClientSession(asyncio.Protocol):
     def _send_close(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         if self.state in (State.CLOSING, State.CLOSED):
             return
+        self.worker.stats.client_error(code)
         self.state = State.CLOSING
         self._release_channels()
         self.write(methods.connection_close(code, text, class_id, method_id))

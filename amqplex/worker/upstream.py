@@ -50,6 +50,8 @@ CLIENT_PROPERTIES = {
     },
 }
 _HANDSHAKE_FRAME_MAX = 1 << 20
+# How long a polite Connection.Close waits for the broker's CloseOk.
+CLOSE_TIMEOUT = 5.0
 _CHANNEL_OPEN = methods.encode(0, commands.Channel.Open())
 _CHANNEL_CLOSE = methods.encode(
     0, commands.Channel.Close(reply_code=200, reply_text="Goodbye", class_id=0, method_id=0)
@@ -82,6 +84,10 @@ class Upstream(asyncio.Protocol):
         self.blocked = False
         self.closed = False
         self.close_reason = "upstream connection lost"
+        # Closed on purpose (idle sweep, shutdown): not a loss to report.
+        self.closed_on_purpose = False
+        # Since when no client channel used it (the pool's idle sweep).
+        self.idle_since: float | None = None
         self.paused = False
         self._last_read = loop.time()
         self._handshake_frames: asyncio.Queue | None = asyncio.Queue()
@@ -283,10 +289,12 @@ class Upstream(asyncio.Protocol):
     # -- ending -------------------------------------------------------------
 
     def close(self) -> None:
-        """Close politely (idle cleanup, shutdown): the broker answers CloseOk."""
+        """Close politely (idle cleanup, shutdown): the broker answers CloseOk,
+        or the socket is cut after CLOSE_TIMEOUT."""
         if self.closed:
             return
         self.closed = True
+        self.closed_on_purpose = True
         self.close_reason = "closed by amqplex"
         self.writer.write(
             methods.encode(
@@ -296,6 +304,7 @@ class Upstream(asyncio.Protocol):
                 ),
             )
         )
+        self.loop.call_later(CLOSE_TIMEOUT, self.abort)
 
     def lose(self, reason: str) -> None:
         self.close_reason = reason
@@ -317,7 +326,7 @@ class Upstream(asyncio.Protocol):
         for session in self._stalled_sessions:
             session.resume_reading()
         self._stalled_sessions.clear()
-        self.pool.upstream_lost(self, self.close_reason)
+        self.pool.upstream_lost(self, self.close_reason, expected=self.closed_on_purpose)
 
 
 def _negotiate(broker: int, ours: int) -> int:

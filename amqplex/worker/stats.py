@@ -1,0 +1,26 @@
+"""What a worker counts, as plain integers: the data path pays one integer
+add per event; the metrics exporter turns deltas into Prometheus counters
+off the hot path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    client_connections: int = 0
+    authentication_failures: int = 0
+    slow_client_disconnects: int = 0
+    upstream_reconnect_attempts: int = 0
+    messages_published: int = 0
+    messages_delivered: int = 0
+    frames_from_clients: int = 0
+    frames_to_clients: int = 0
+    bytes_from_clients: int = 0
+    bytes_to_clients: int = 0
+    # Connection.Close reply codes the proxy sent clients, by code.
+    client_errors: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def client_error(self, code: int) -> None:
+        self.client_errors[code] = self.client_errors.get(code, 0) + 1
