@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from amqplex import __version__
+from amqplex import __version__, logs
 from amqplex.config import Config, ConfigError, load
 from amqplex.config.load import describe, reference
+from amqplex.master import metrics_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +58,7 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    master_pid = os.getpid()
     if args.print_defaults:
         print(reference(), end="")
         sys.exit(0)
@@ -69,14 +70,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         print(describe(config), end="")
         sys.exit(0)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config.log.level, config.log.format)
+    # Before anything imports prometheus_client: it picks multiprocess mode then.
+    metrics_path, made_here = metrics_dir.prepare()
     from amqplex.master.arbiter import Arbiter
     from amqplex.worker.process import run_worker
 
     def reload() -> Config:
         return load(args.config, os.environ, overrides(args))
 
-    sys.exit(Arbiter(config, reload, run_worker).run())
+    try:
+        code = Arbiter(config, reload, run_worker).run()
+    finally:
+        if made_here and os.getpid() == master_pid:
+            metrics_dir.remove(metrics_path)
+    sys.exit(code)

@@ -16,7 +16,7 @@ import urllib.parse
 
 import yaml
 
-from amqplex.config.settings import Config
+from amqplex.config.settings import Config, mask_password
 
 DEFAULT_PATHS = ("./amqplex.yaml", "/etc/amqplex/amqplex.yaml")
 ENV_PREFIX = "AMQP_"
@@ -132,6 +132,8 @@ def describe(config: Config) -> str:
         value = getattr(target, field.name)
         if field.metadata.get("secret") and value:
             value = "********"
+        elif isinstance(value, str) and "://" in value:
+            value = mask_password(value)
         if "." in key:
             section, name = key.split(".", 1)
             out.setdefault(section, {})[name] = value

@@ -54,6 +54,16 @@ class UpstreamConfig:
         return urllib.parse.urlsplit(self.url).port or 5672
 
 
+def mask_password(url: str) -> str:
+    """`url` with the password in it, if any, masked: for --check, logs and ps."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:********@{hostport}").geturl()
+
+
 @dataclasses.dataclass(slots=True)
 class PoolConfig:
     max_channels: int = setting(
@@ -120,12 +130,32 @@ class TLSConfig:
 
 
 @dataclasses.dataclass(slots=True)
+class MetricsConfig:
+    address: str = setting(
+        "", "address of the health and metrics HTTP server (default: listen.address)"
+    )
+    port: int = setting(
+        0, "port of GET /, /ready and /metrics; 0 means listen.port + 1", minimum=0, maximum=65535
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class LogConfig:
+    level: str = setting(
+        "info", "least severe log level written", choices=("debug", "info", "warning", "error")
+    )
+    format: str = setting("text", "log line format", choices=("text", "json"))
+
+
+@dataclasses.dataclass(slots=True)
 class Config:
     listen: ListenConfig = dataclasses.field(default_factory=ListenConfig)
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     workers: int = setting(
         os.cpu_count() or 1, "worker processes (default: CPU count)", minimum=1, maximum=256
     )

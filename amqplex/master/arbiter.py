@@ -25,11 +25,15 @@ import sys
 import time
 import typing
 
+from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
+from amqplex import metrics
 from amqplex.config import Config, ConfigError
+from amqplex.config.settings import mask_password
 from amqplex.master import listener
 from amqplex.master.limits import raise_nofile_limit
+from amqplex.master.status import StatusServer
 from amqplex.master.systemd import notify
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,8 @@ class Arbiter:
         self._wake_r = self._wake_w = -1
         self._failures = 0
         self._next_spawn = 0.0
+        self.status: StatusServer | None = None
+        self.draining = False
 
     # -- the main loop ---------------------------------------------------------
 
@@ -88,6 +94,7 @@ class Arbiter:
         raise_nofile_limit()
         listen = self.config.listen
         self.listener = listener.bind(listen.address, listen.port)
+        self.status = self._bind_status(self.config)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -99,7 +106,7 @@ class Arbiter:
             os.getpid(),
             listen.address,
             listen.port,
-            self.config.upstream.url,
+            mask_password(self.config.upstream.url),
             self.num_workers,
         )
         self.maintain_workers()
@@ -109,8 +116,24 @@ class Arbiter:
         listen = self.config.listen
         setproctitle(
             f"amqplexd: master [{listen.address}:{listen.port} -> "
-            f"{self.config.upstream.url}, {self.num_workers} workers]"
+            f"{mask_password(self.config.upstream.url)}, {self.num_workers} workers]"
         )
+
+    def _bind_status(self, config: Config) -> StatusServer:
+        address, port = status_address(config)
+        return StatusServer(address, port, self)
+
+    # -- what the status server asks ---------------------------------------------
+
+    def accepting(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.active():
+            return False, "no live worker"
+        return True, "OK"
+
+    def broker_address(self) -> tuple[str, int]:
+        return self.config.upstream.host, self.config.upstream.port
 
     def _on_signal(self, signum: int, frame) -> None:
         self._signals.append(signum)
@@ -121,13 +144,23 @@ class Arbiter:
                 raise
 
     def _sleep(self, timeout: float) -> None:
+        """Wait for a signal or the timeout, answering status requests meanwhile."""
+        fds = [self._wake_r, *(self.status.fds() if self.status else ())]
         try:
-            ready, _, _ = select.select([self._wake_r], [], [], timeout)
-            if ready:
-                while os.read(self._wake_r, 4096):
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        for fd in ready:
+            if fd == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
                     pass
-        except (BlockingIOError, InterruptedError):
-            pass
+            else:
+                self.status.on_readable(fd)
+        if self.status:
+            self.status.expire()
 
     # -- workers ---------------------------------------------------------------
 
@@ -182,11 +215,14 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            # Its live gauges (clients, upstreams, channels) vanish with it.
+            multiprocess.mark_process_dead(pid)
             lived = time.monotonic() - worker.started
             how = _exit_description(status)
             if worker.draining:
                 log.info("worker %d (pid %d) finished draining: %s", worker.slot, pid, how)
                 continue
+            metrics.WORKER_RESTARTS.inc()
             if lived < QUICK_DEATH:
                 self._failures += 1
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
@@ -212,7 +248,9 @@ class Arbiter:
         """Reload: new workers with the new configuration start accepting from
         the same listener before the old ones stop, so nobody is refused."""
         log.info("HUP: reloading configuration")
-        notify("RELOADING=1")
+        # systemd >= 253 ties RELOADING=1 to a reload by its CLOCK_MONOTONIC
+        # time; without it `systemctl reload` may not see the reload end.
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = self._reload()
         except ConfigError as error:
@@ -236,6 +274,17 @@ class Arbiter:
                 notify("READY=1")
                 return
             old_listener, self.listener = self.listener, sock
+        if status_address(new) != status_address(self.config):
+            try:
+                status = self._bind_status(new)
+            except OSError as error:
+                log.error(
+                    "reload refused: cannot serve status on %s:%d: %s", *status_address(new), error
+                )
+                notify("READY=1")
+                return
+            self.status.close()
+            self.status = status
         old_workers = self.active()
         self.config = new
         self.num_workers = new.workers
@@ -271,6 +320,7 @@ class Arbiter:
         self._set_title()
 
     def _stop(self, graceful: bool) -> int:
+        self.draining = True
         notify("STOPPING=1")
         log.info(
             "%s: stopping %d workers", "draining" if graceful else "exiting now", len(self.workers)
@@ -296,8 +346,17 @@ class Arbiter:
             )
             self._kill(worker.pid, signal.SIGKILL)
         self.listener.close()
+        self.status.close()
         log.info("master %d exiting", os.getpid())
         return 0
+
+
+def status_address(config: Config) -> tuple[str, int]:
+    """Where GET /, /ready and /metrics are served: listen.port + 1 by default."""
+    return (
+        config.metrics.address or config.listen.address,
+        config.metrics.port or config.listen.port + 1,
+    )
 
 
 def _exit_description(status: int) -> str:

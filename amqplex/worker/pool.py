@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import typing
 
+from amqplex import metrics
 from amqplex.config import Config
 from amqplex.protocol.auth import Credentials
 from amqplex.protocol.constants import ReplyCode
@@ -85,6 +87,7 @@ class Pool:
             self._dial = self.worker.spawn(self._dial_once())
 
     async def _dial_once(self) -> Upstream:
+        started = time.monotonic()
         try:
             upstream = await Upstream.open(
                 self,
@@ -94,10 +97,14 @@ class Pool:
                 self.config.pool.max_channels,
             )
         except BaseException as error:
+            if not isinstance(error, UpstreamRefused):
+                metrics.UPSTREAM_LAST_DIAL_FAILURE.set(time.time())
             self._dial_failed(error)
             raise
         finally:
             self._dial = None
+        metrics.UPSTREAM_DIAL_SECONDS.observe(time.monotonic() - started)
+        metrics.UPSTREAM_LAST_DIAL_SUCCESS.set(time.time())
         self.upstreams.append(upstream)
         self.worker.learn(upstream)
         log.info(
@@ -134,6 +141,7 @@ class Pool:
                 if self.upstreams:
                     break
                 self.worker.stats.upstream_reconnect_attempts += 1
+                log.info("redialling for %r (attempt %d)", self, backoff.attempts)
                 self._start_dial()
                 try:
                     await asyncio.shield(self._dial)

@@ -12,6 +12,7 @@ from setproctitle import setproctitle
 
 from amqplex.config import Config
 from amqplex.protocol.constants import ReplyCode
+from amqplex.worker.exporter import Exporter
 from amqplex.worker.pool import Pools
 from amqplex.worker.session import ClientSession
 from amqplex.worker.stats import Stats
@@ -89,6 +90,7 @@ class Worker:
             )
         log.info("listening on %s:%d", listen.address, listen.port)
         self.spawn(self._sweep_forever())
+        self.spawn(Exporter(self).run())
 
     async def _sweep_forever(self) -> None:
         """Close idle upstreams and drop unused pools (pool.cleanup_interval)."""

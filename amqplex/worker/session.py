@@ -15,6 +15,7 @@ import typing
 
 from pamqp import commands
 
+from amqplex import metrics
 from amqplex.protocol import methods
 from amqplex.protocol.auth import MECHANISMS, Credentials, parse_response
 from amqplex.protocol.constants import (
@@ -76,6 +77,12 @@ class ClientSession(asyncio.Protocol):
         # exclusive queue stays usable on all of the client's channels.
         self.home: Upstream | None = None
         self._header = b""
+        self.peer = ""
+        self.started = self.loop.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_code = 0
+        self.close_text = ""
         self._last_read = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._reading = True
@@ -84,6 +91,8 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         transport.set_write_buffer_limits(high=self.config.max_output_buffer)
         self.writer = BatchedWriter(transport, self.loop)
         self.worker.stats.client_connections += 1
@@ -93,6 +102,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         self.worker.stats.bytes_from_clients += len(data)
+        self.bytes_in += len(data)
         if self.state is State.HEADER:
             data = self._protocol_header(data)
             if not data:
@@ -173,7 +183,7 @@ class ClientSession(asyncio.Protocol):
             )
         method = methods.decode(frame)
         if isinstance(method, commands.Connection.Close):
-            self._client_close()
+            self._client_close(method)
         elif self.state is State.START_OK and isinstance(method, commands.Connection.StartOk):
             self._start_ok(method)
         elif self.state is State.TUNE_OK and isinstance(method, commands.Connection.TuneOk):
@@ -266,6 +276,7 @@ class ClientSession(asyncio.Protocol):
         self.state = State.RUNNING
         self._timer.cancel()
         self.write(methods.encode(0, commands.Connection.OpenOk()))
+        metrics.CLIENT_HANDSHAKE_SECONDS.observe(self.loop.time() - self.started)
         pool.session_joined(self)
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
@@ -328,7 +339,7 @@ class ClientSession(asyncio.Protocol):
             raise ConnectionException(ReplyCode.UNEXPECTED_FRAME, "content frame on channel 0")
         method = methods.decode(frame)
         if isinstance(method, commands.Connection.Close):
-            self._client_close()
+            self._client_close(method)
             return
         # RabbitMQ's answer to any other channel-0 method once open.
         raise ConnectionException(
@@ -356,12 +367,15 @@ class ClientSession(asyncio.Protocol):
         stats = self.worker.stats
         stats.frames_to_clients += 1
         stats.bytes_to_clients += len(frame)
+        self.bytes_out += len(frame)
         self.writer.write(frame)
 
     def write_many(self, frames: list[bytes]) -> None:
         stats = self.worker.stats
         stats.frames_to_clients += len(frames)
-        stats.bytes_to_clients += sum(map(len, frames))
+        size = sum(map(len, frames))
+        stats.bytes_to_clients += size
+        self.bytes_out += size
         self.writer.write_many(frames)
 
     def pause_reading(self) -> None:
@@ -396,9 +410,10 @@ class ClientSession(asyncio.Protocol):
 
     # -- ending ------------------------------------------------------------------------
 
-    def _client_close(self) -> None:
+    def _client_close(self, method: commands.Connection.Close) -> None:
         """Connection.Close from the client is never forwarded: its channels are
         closed upstream and the proxy answers CloseOk (DESIGN rule 5)."""
+        self.close_code, self.close_text = method.reply_code, method.reply_text
         self._release_channels()
         self.write(methods.encode(0, commands.Connection.CloseOk()))
         self.writer.flush()
@@ -418,6 +433,7 @@ class ClientSession(asyncio.Protocol):
         if self.state in (State.CLOSING, State.CLOSED):
             return
         self.worker.stats.client_error(code)
+        self.close_code, self.close_text = code, text
         self.state = State.CLOSING
         self._release_channels()
         self.write(methods.connection_close(code, text, class_id, method_id))
@@ -441,12 +457,30 @@ class ClientSession(asyncio.Protocol):
             self.writer.flush()
             self.transport.close()
 
+    def _log_end(self) -> None:
+        """One line per session; passwords never appear (Credentials hides it)."""
+        if self.state is State.CLOSED and not self.close_code and not self.pool:
+            return
+        fields = {
+            "client": self.peer,
+            "user": self.credentials.username if self.credentials else "",
+            "vhost": self.vhost,
+            "duration": round(self.loop.time() - self.started, 3),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "close_code": self.close_code,
+            "close_text": self.close_text or ("connection lost" if self.pool else ""),
+        }
+        level = logging.INFO if self.pool is not None or self.close_code else logging.DEBUG
+        log.log(level, "client session ended", extra={"fields": fields})
+
     def _release_channels(self) -> None:
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.release()
 
     def _end(self) -> None:
+        self._log_end()
         self.state = State.CLOSED
         if self._timer is not None:
             self._timer.cancel()

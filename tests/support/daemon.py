@@ -41,6 +41,7 @@ class Amqplexd:
 
     def __init__(self, *args: str, upstream: str | None = None, env: dict | None = None) -> None:
         self.port = free_port()
+        self.status_port = free_port()
         self.upstream = upstream or f"amqp://{BROKER_HOST}:{BROKER_PORT}"
         log_fd, self.log_path = tempfile.mkstemp(prefix="amqplexd-", suffix=".log")
         self.process = subprocess.Popen(
@@ -57,7 +58,12 @@ class Amqplexd:
             ],
             stdout=log_fd,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **TEST_ENV, **(env or {})},
+            env={
+                **os.environ,
+                **TEST_ENV,
+                "AMQP_METRICS_PORT": str(self.status_port),
+                **(env or {}),
+            },
         )
         os.close(log_fd)
         wait_listening(self.port, time.monotonic() + 20, self.process)
