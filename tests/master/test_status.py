@@ -1,0 +1,144 @@
+"""GET /, /ready and /metrics on the master, scraped from the real daemon
+with two workers."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import time
+
+import pika
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import proxy_params
+from tests.master.test_arbiter import serving_workers, wait_until
+from tests.support.daemon import free_port
+
+
+def get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", path, headers={"Accept": accept} if accept else {})
+    response = connection.getresponse()
+    body = response.read().decode()
+    connection.close()
+    return response.status, response.getheader("Content-Type"), body
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample by name with its labels, e.g. 'amqplex_client_errors_total{code=403}'."""
+    status, _, body = get(port, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@pytest.fixture
+def daemon(fresh_amqplexd):
+    return fresh_amqplexd("-w", "2")
+
+
+def test_health_is_ok_while_accepting(daemon):
+    assert get(daemon.status_port, "/")[0::2] == (200, "OK\n")
+
+
+def test_ready_while_the_broker_is_reachable(daemon):
+    status, _, body = get(daemon.status_port, "/ready")
+    assert status == 200, body
+
+
+def test_not_ready_when_the_broker_cannot_be_reached(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1", upstream=f"amqp://127.0.0.1:{free_port()}")
+    status, _, body = get(daemon.status_port, "/ready")
+    assert status == 503
+    assert "unreachable" in body
+
+
+def test_active_clients_counts_clients_across_workers_then_returns_to_zero(daemon):
+    connections = [pika.BlockingConnection(proxy_params(daemon.port)) for _ in range(12)]
+    for connection in connections:
+        connection.channel()
+    assert wait_until(lambda: scrape(daemon.status_port)["amqplex_active_clients"] == 12)
+    metrics = scrape(daemon.status_port)
+    assert metrics["amqplex_channels_used"] >= 12
+    assert metrics["amqplex_client_connections_total"] >= 12
+    # Both workers took some: each one's upstream shows up.
+    assert metrics["amqplex_upstream_connections"] >= 1
+    for connection in connections:
+        connection.close()
+    assert wait_until(lambda: scrape(daemon.status_port)["amqplex_active_clients"] == 0)
+    assert wait_until(lambda: scrape(daemon.status_port)["amqplex_channels_used"] == 0)
+
+
+def test_messages_frames_and_errors_are_counted_without_user_labels(daemon, user, queue_name):
+    connection = pika.BlockingConnection(proxy_params(daemon.port, user))
+    channel = connection.channel()
+    channel.queue_declare(queue_name)
+    for _ in range(5):
+        channel.basic_publish("", queue_name, b"counted")
+    for _ in range(5):
+        channel.basic_get(queue_name, auto_ack=True)
+    connection.close()
+    bad = pika.ConnectionParameters(
+        host="127.0.0.1",
+        port=daemon.port,
+        credentials=pika.PlainCredentials(user.name, "wrong-password"),
+    )
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(bad)
+
+    def counted() -> dict[str, float] | None:
+        metrics = scrape(daemon.status_port)
+        ready = (
+            metrics.get("amqplex_messages_published_total", 0) >= 5
+            and metrics.get("amqplex_messages_delivered_total", 0) >= 5
+            and metrics.get("amqplex_authentication_failures_total", 0) >= 1
+        )
+        return metrics if ready else None
+
+    metrics = wait_until(counted)
+    assert metrics["amqplex_frames_total{direction=from_clients}"] > 0
+    assert metrics["amqplex_bytes_total{direction=to_clients}"] > 0
+    assert metrics["amqplex_client_errors_total{code=403}"] >= 1
+    _, _, body = get(daemon.status_port, "/metrics")
+    assert user.name not in body and user.password not in body and "127.0.0.1" not in body
+
+
+def test_openmetrics_when_the_scraper_asks_for_it(daemon):
+    status, content_type, body = get(
+        daemon.status_port, "/metrics", accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith("# EOF")
+
+
+def test_a_dead_workers_gauges_vanish_and_its_restart_is_counted(daemon):
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    connection.channel()
+    assert wait_until(lambda: scrape(daemon.status_port)["amqplex_active_clients"] == 1)
+    before = set(serving_workers(daemon.process.pid))
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: len(set(serving_workers(daemon.process.pid)) - before) == 2)
+    metrics = wait_until(
+        lambda: (m := scrape(daemon.status_port))["amqplex_worker_restarts_total"] >= 2 and m
+    )
+    assert metrics["amqplex_active_clients"] == 0
+
+
+def test_health_is_503_while_draining(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_DRAIN_TIMEOUT": "3"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    connection.channel()
+    os.kill(daemon.process.pid, signal.SIGTERM)
+    status, _, body = wait_until(lambda: (r := get(daemon.status_port, "/"))[0] == 503 and r)
+    assert "draining" in body
+    started = time.monotonic()
+    daemon.process.wait(20)
+    assert time.monotonic() - started < 15
