@@ -42,6 +42,11 @@ UPSTREAM_RECONNECT_ATTEMPTS = Counter(
 )
 
 # Beside them.
+POOLS = Gauge(
+    "amqplex_pools",
+    "Pools, one per (user, password, vhost) in use",
+    multiprocess_mode="livesum",
+)
 CLIENT_CONNECTIONS = Counter("amqplex_client_connections", "Client connections accepted")
 AUTHENTICATION_FAILURES = Counter(
     "amqplex_authentication_failures", "Clients the broker refused (wrong credentials or vhost)"

@@ -57,6 +57,7 @@ class Exporter:
         pools = list(self.worker.pools)
         upstreams = [upstream for pool in pools for upstream in pool.upstreams]
         slots = [slot for upstream in upstreams for slot in upstream.slots.values()]
+        metrics.POOLS.set(len(pools))
         metrics.ACTIVE_CLIENTS.set(self.worker.running_sessions())
         metrics.UPSTREAM_CONNECTIONS.set(len(upstreams))
         metrics.UPSTREAM_RECONNECTING.set(sum(1 for pool in pools if pool.reconnecting))

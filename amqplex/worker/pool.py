@@ -114,6 +114,10 @@ class Pool:
             upstream.channel_max,
         )
         self._serve_waiting()
+        if self.waiting and self._may_dial():
+            # More clients waited than this upstream had room for: the rest
+            # would otherwise wait until acquire_timeout refuses them.
+            self._start_dial()
         self.replenish_idle()
         return upstream
 

@@ -9,8 +9,11 @@ channel carrying it (upstream_channel.py) -> the upstream's batched writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import socket
+import struct
 import typing
 
 from pamqp import commands
@@ -42,6 +45,8 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHANNEL_OPEN = commands.Channel.Open.index
+# SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class State(enum.Enum):
@@ -125,7 +130,7 @@ class ClientSession(asyncio.Protocol):
         """The client stopped reading and its output passed the limit: cut it
         loose rather than stall the upstream it shares (DESIGN rule 9)."""
         if self.state in (State.CLOSING, State.CLOSED):
-            self.transport.abort()
+            self._abort()
             return
         log.info("client not reading: %d bytes queued; closing it", self.writer.buffered())
         self.worker.stats.slow_client_disconnects += 1
@@ -284,11 +289,11 @@ class ClientSession(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         if self.state in (State.CLOSING, State.CLOSED):
-            self.transport.abort()
+            self._abort()
             return
         log.info("client handshake timed out while %s", self.state.value)
         self.state = State.CLOSED
-        self.transport.abort()
+        self._abort()
 
     # -- running -------------------------------------------------------------------
 
@@ -355,7 +360,7 @@ class ClientSession(asyncio.Protocol):
         now = self.loop.time()
         if now - self._last_read > 2 * self.heartbeat:
             log.info("client missed two heartbeats; closing it")
-            self.transport.abort()
+            self._abort()
             return
         if now - self.writer.last_write >= self.heartbeat / 2:
             self.write(HEARTBEAT_FRAME)
@@ -440,7 +445,7 @@ class ClientSession(asyncio.Protocol):
         self.resume_reading()
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(self.config.close_timeout, self.transport.abort)
+        self._timer = self.loop.call_later(self.config.close_timeout, self._abort)
 
     def _closing_frame(self, frame_type: int, channel: int, frame: bytes) -> None:
         """After our Close only Close and CloseOk count; both end it."""
@@ -456,6 +461,15 @@ class ClientSession(asyncio.Protocol):
             self.state = State.CLOSED
             self.writer.flush()
             self.transport.close()
+
+    def _abort(self) -> None:
+        """Drop the connection now, with a reset: what is still queued for a
+        client that stopped reading would otherwise linger in the kernel."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
 
     def _log_end(self) -> None:
         """One line per session; passwords never appear (Credentials hides it)."""

@@ -12,7 +12,6 @@ import time
 
 from tests.support.broker import BROKER_HOST, BROKER_PORT
 
-
 # Tests stop daemons often: a client a test left connected must not hold up
 # the drain for the production default of 30 s.
 TEST_ENV = {"AMQP_DRAIN_TIMEOUT": "2"}

@@ -1,0 +1,330 @@
+"""Isolation (issue 2, point 6; DESIGN rule 6): nothing one client sends can
+close the shared upstream or reach another client.
+
+Each misbehaviour in CASES is sent twice with the same bytes: once straight
+to RabbitMQ, once through amqplexd. The proxy must give the misbehaving
+client the answer the broker gives (the same Connection.Close code, class
+and method, and the same or a like text) while a canary on the same
+upstream keeps publishing and getting its messages, and the proxy's
+upstream connection stays the one it was (no reconnect).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import time
+import typing
+import uuid
+
+import pika
+import pytest
+from pamqp import commands, frame, header
+
+from amqplex.protocol.auth import Credentials, plain_response
+from amqplex.protocol.constants import PROTOCOL_HEADER
+from tests.conftest import Canary, broker_params
+from tests.support import broker
+from tests.support.rawclient import RawClient, body_frame
+from tests.support.relay import UP
+
+ANSWER_TIMEOUT = 5
+
+
+# -- frames a well-behaved client would never send ---------------------------------------
+
+
+def method_frame(channel: int, method) -> bytes:
+    return frame.marshal(method, channel)
+
+
+def content_header(channel: int, body_size: int, class_id: int = 60) -> bytes:
+    raw = frame.marshal(header.ContentHeader(0, body_size, commands.Basic.Properties()), channel)
+    return raw[:7] + struct.pack(">H", class_id) + raw[9:]
+
+
+def publish(channel: int, routing_key: str = "q", **kwargs) -> bytes:
+    return method_frame(
+        channel, commands.Basic.Publish(exchange="", routing_key=routing_key, **kwargs)
+    )
+
+
+def declare(channel: int) -> bytes:
+    return method_frame(channel, commands.Queue.Declare(queue="", exclusive=True))
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    # The bytes to send on an open connection whose channel 1 is open.
+    send: typing.Callable[[RawClient], bytes]
+    # The proxy's reply text must equal the broker's, or both start with this.
+    text_prefix: str | None = None
+    # The channel_max the client asks for in TuneOk (0: the server's).
+    channel_max: int = 0
+    # Channels opened (and answered) besides channel 1 before the bytes are sent.
+    open_first: tuple[int, ...] = ()
+
+
+def _oversized(client: RawClient) -> bytes:
+    # RabbitMQ takes a payload of up to frame_max (8 bytes of slack); one more is too big.
+    size = client.tune.frame_max + 1
+    return struct.pack(">BHI", 3, 1, size) + b"x" * size + b"\xce"
+
+
+def _frame_max_payload_body(client: RawClient) -> bytes:
+    size = client.tune.frame_max
+    return struct.pack(">BHI", 3, 1, size) + b"x" * size + b"\xce"
+
+
+CASES = [
+    Case("method-on-unopened-channel", lambda c: declare(5)),
+    Case("content-header-on-unopened-channel", lambda c: content_header(5, 3)),
+    Case("content-body-on-unopened-channel", lambda c: body_frame(5, b"abc")),
+    Case("bad-frame-end", lambda c: declare(1)[:-1] + b"\x00", text_prefix="FRAME_ERROR - type 1"),
+    Case("oversized-frame", _oversized),
+    # The broker's slack: a frame 8 bytes over frame_max is no frame error (here
+    # a body with no publish, so 505 rather than 501).
+    Case("frame-max-payload-is-not-a-frame-error", _frame_max_payload_body),
+    Case("body-without-publish", lambda c: body_frame(1, b"abc")),
+    Case("content-header-without-publish", lambda c: content_header(1, 3)),
+    Case("method-where-content-header-expected", lambda c: publish(1) + declare(1)),
+    Case("method-where-body-expected", lambda c: publish(1) + content_header(1, 3) + declare(1)),
+    Case("content-header-for-another-class", lambda c: publish(1) + content_header(1, 3, 61)),
+    Case("heartbeat-on-a-channel", lambda c: b"\x08\x00\x01\x00\x00\x00\x00\xce"),
+    Case(
+        "connection-tune-on-channel-0",
+        lambda c: method_frame(0, commands.Connection.Tune(2047, 131072, 0)),
+    ),
+    Case("channel-open-on-channel-0", lambda c: method_frame(0, commands.Channel.Open())),
+    Case("content-header-on-channel-0", lambda c: content_header(0, 3), "UNEXPECTED_FRAME - "),
+    Case(
+        "connection-close-on-channel-1",
+        lambda c: method_frame(1, commands.Connection.Close(200, "", 0, 0)),
+    ),
+    Case("second-channel-open", lambda c: method_frame(1, commands.Channel.Open())),
+    Case(
+        "exchange-declare-unknown-type",
+        lambda c: method_frame(
+            1, commands.Exchange.Declare(exchange="amqplex-iso", exchange_type="x-no-such-type")
+        ),
+    ),
+    Case("qos-prefetch-size", lambda c: method_frame(1, commands.Basic.Qos(prefetch_size=10))),
+    Case("publish-immediate", lambda c: publish(1, immediate=True) + content_header(1, 0)),
+    Case("channel-flow-inactive", lambda c: method_frame(1, commands.Channel.Flow(active=False))),
+    Case(
+        # Deliver carries content: the broker answers once it has all of it.
+        "server-only-basic-deliver",
+        lambda c: (
+            method_frame(1, commands.Basic.Deliver("ctag", 1, False, "", "q"))
+            + content_header(1, 3)
+            + body_frame(1, b"abc")
+        ),
+    ),
+    # RabbitMQ limits how many channels are open, not their ids: a channel id
+    # above channel_max is opened ...
+    Case(
+        "channel-id-above-channel-max",
+        lambda c: method_frame(c.tune.channel_max + 1, commands.Channel.Open()),
+    ),
+    # ... and one channel more than channel_max is 530 NOT_ALLOWED.
+    Case(
+        "more-channels-than-channel-max",
+        lambda c: method_frame(3, commands.Channel.Open()),
+        channel_max=2,
+        open_first=(2,),
+    ),
+]
+
+
+# -- talking to a server, raw ------------------------------------------------------------
+
+
+def connect(port: int, user, channel_max: int = 0, channels: tuple[int, ...] = ()) -> RawClient:
+    """A raw client, connected as `user`, with channel 1 (and `channels`) open."""
+    client = RawClient(port)
+    client.send(PROTOCOL_HEADER)
+    client.expect(commands.Connection.Start)
+    client.method(
+        0,
+        commands.Connection.StartOk(
+            client_properties={"product": "rawclient"},
+            mechanism="PLAIN",
+            response=plain_response(Credentials(user.name, user.password)),
+            locale="en_US",
+        ),
+    )
+    _, client.tune = client.expect(commands.Connection.Tune)
+    client.method(
+        0,
+        commands.Connection.TuneOk(
+            channel_max=channel_max or client.tune.channel_max,
+            frame_max=client.tune.frame_max,
+            heartbeat=0,
+        ),
+    )
+    client.method(0, commands.Connection.Open(virtual_host="/"))
+    client.expect(commands.Connection.OpenOk)
+    for channel in (1, *channels):
+        client.open_channel(channel)
+    return client
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    # (channel, method name[, code, class_id, method_id]) of the first reply.
+    key: tuple
+    text: str = ""
+
+
+def misbehave(port: int, user, case: Case) -> Answer:
+    """Send the case's bytes and return the server's first answer."""
+    with connect(port, user, case.channel_max, case.open_first) as client:
+        client.send(case.send(client))
+        got = client.read_method(ANSWER_TIMEOUT)
+        assert got is not None, f"{case.name}: port {port} closed the socket without a word"
+        channel, method = got
+        if not isinstance(method, commands.Connection.Close):
+            return Answer((channel, method.name))
+        client.method(0, commands.Connection.CloseOk())
+        return Answer(
+            (channel, method.name, method.reply_code, method.class_id, method.method_id),
+            method.reply_text,
+        )
+
+
+def upstream_names(user) -> list[str]:
+    return sorted(row["name"] for row in broker.proxy_connections(user.name))
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SharedUpstream:
+    user: broker.BrokerUser
+    canary: Canary
+    names: list[str]
+
+
+@pytest.fixture(scope="module")
+def shared(amqplexd):
+    """One user, one canary and so one upstream for the whole table: every
+    misbehaving client joins the canary's upstream (a user per case would
+    cost seconds of rabbitmqctl each)."""
+    user = broker.BrokerUser()
+    try:
+        canary = Canary(amqplexd.port, user)
+        try:
+            names = upstream_names(user)
+            assert len(names) == 1, names
+            yield SharedUpstream(user, canary, names)
+        finally:
+            canary.stop()
+    finally:
+        user.delete()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_misbehaviour_gets_the_brokers_answer_on_that_client_alone(case, amqplexd, shared):
+    direct = misbehave(broker.BROKER_PORT, shared.user, case)
+    proxied = misbehave(amqplexd.port, shared.user, case)
+
+    assert proxied.key == direct.key, (proxied, direct)
+    if case.text_prefix is None:
+        assert proxied.text == direct.text
+    else:
+        assert direct.text.startswith(case.text_prefix), direct.text
+        assert proxied.text.startswith(case.text_prefix), proxied.text
+    # The canary on the same upstream never noticed, and that upstream is
+    # still the one it was.
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def test_body_longer_than_its_header_says_is_a_frame_error_kept_from_the_upstream(amqplexd, shared):
+    """RabbitMQ itself never answers this one (its channel waits for a body
+    size below zero for ever), so there is nothing to compare: forwarded, it
+    would wedge an upstream channel. The proxy refuses it on that client."""
+    with connect(amqplexd.port, shared.user) as client:
+        client.send(publish(1) + content_header(1, 2) + body_frame(1, b"abc"))
+        close = client.expect_connection_close(ANSWER_TIMEOUT)
+    assert close.reply_code == 501
+    assert close.reply_text.startswith("FRAME_ERROR - ")
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def test_client_dying_mid_message_leaves_nothing_on_the_shared_connection(
+    relay, fresh_amqplexd, user, canary_for, queue_name
+):
+    daemon = fresh_amqplexd(upstream=relay.url)
+    canary = canary_for(daemon.port, user)
+    names = upstream_names(user)
+    assert len(names) == 1, names
+    half = uuid.uuid4().hex.encode() * 25  # 800 bytes no other frame carries
+
+    client = connect(daemon.port, user)
+    client.method(1, commands.Queue.Declare(queue=queue_name))
+    client.expect(commands.Queue.DeclareOk)
+    client.method(1, commands.Confirm.Select())
+    client.expect(commands.Confirm.SelectOk)
+    # One whole message, confirmed: routing to the queue works.
+    client.publish(1, b"whole", routing_key=queue_name)
+    client.expect(commands.Basic.Ack)
+    # Then a publish whose body stops short: its header announces 2000 bytes,
+    # one body frame of 800 arrives and then half of the next frame.
+    client.send(publish(1, queue_name) + content_header(1, 2000) + body_frame(1, half))
+    # A reply on another channel shows the proxy has read all of that.
+    client.open_channel(2)
+    client.send(body_frame(1, half)[:400])
+    client.close()
+
+    # The proxy closes the dead client's upstream channel; nothing of the
+    # unfinished publish went before that Close.
+    uid = wait_for_upstream_close(relay, queue_name)
+    upstream = b"".join(conn.data(UP) for conn in relay.connections)
+    assert half[:100] not in upstream
+    publishes = [
+        f
+        for conn in relay.connections
+        for f in conn.frames(UP)
+        if isinstance(f.method, commands.Basic.Publish) and f.method.routing_key == queue_name
+    ]
+    assert [f.channel for f in publishes] == [uid]
+
+    canary.wait_round_trips(5)
+    assert upstream_names(user) == names
+    connection = pika.BlockingConnection(broker_params())
+    try:
+        channel = connection.channel()
+        assert channel.queue_declare(queue_name, passive=True).method.message_count == 1
+        _, _, body = channel.basic_get(queue_name, auto_ack=True)
+        assert body == b"whole"
+    finally:
+        connection.close()
+
+
+def wait_for_upstream_close(relay, queue_name: str, timeout: float = 10) -> int:
+    """The upstream channel id that carried publishes to `queue_name`, once the
+    proxy has sent Channel.Close on it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for conn in list(relay.connections):
+            uid = None
+            for f in conn.frames(UP):
+                if isinstance(f.method, commands.Basic.Publish) and (
+                    f.method.routing_key == queue_name
+                ):
+                    uid = f.channel
+                elif (
+                    uid is not None
+                    and f.channel == uid
+                    and isinstance(f.method, commands.Channel.Close)
+                ):
+                    return uid
+        time.sleep(0.02)
+    raise AssertionError("the proxy never closed the dead client's upstream channel")

@@ -1,0 +1,139 @@
+"""Limits and cleanup: client and upstream limits refuse clearly, idle
+upstreams and unused pools go away, a client that does not read is cut
+loose without stalling its upstream (issue 5 points 3-5)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pika
+import pytest
+from pamqp import commands
+
+from tests.conftest import proxy_params
+from tests.master.test_status import scrape
+from tests.support.broker import proxy_connections
+from tests.support.rawclient import RawClient
+
+
+def wait_until(predicate, timeout: float = 15, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def test_client_over_the_connection_limit_gets_a_close_it_can_read(fresh_amqplexd):
+    daemon = fresh_amqplexd(env={"AMQP_POOL_MAX_CLIENT_CONNECTIONS": "2"})
+    kept = [pika.BlockingConnection(proxy_params(daemon.port)) for _ in range(2)]
+    with RawClient(daemon.port) as extra:
+        _, close = extra.handshake()
+        assert isinstance(close, commands.Connection.Close)
+        assert close.reply_code == 530
+        assert "pool.max_client_connections" in close.reply_text
+    for connection in kept:
+        connection.close()
+    # Room again once they left.
+    wait_until(lambda: scrape(daemon.status_port)["amqplex_active_clients"] == 0)
+    pika.BlockingConnection(proxy_params(daemon.port)).close()
+
+
+def test_channel_wait_is_bounded_when_every_allowed_upstream_is_full(fresh_amqplexd, user):
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
+            "AMQP_POOL_MAX_CHANNELS": "3",
+            "AMQP_POOL_IDLE_CHANNELS": "0",
+            "AMQP_POOL_ACQUIRE_TIMEOUT": "1",
+        }
+    )
+    holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
+    for connection in holders:
+        connection.channel()
+    started = time.monotonic()
+    late = pika.BlockingConnection(proxy_params(daemon.port, user))
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as refused:
+        late.channel()
+    assert refused.value.reply_code == 530
+    assert "pool.max_upstream_connections=1" in refused.value.reply_text
+    assert 0.8 < time.monotonic() - started < 5
+    assert len(proxy_connections(user.name)) == 1
+    # A freed channel serves the next client that waits.
+    holders.pop().close()
+    waiting = pika.BlockingConnection(proxy_params(daemon.port, user))
+    assert waiting.channel().is_open
+    for connection in (*holders, waiting):
+        connection.close()
+
+
+def test_idle_upstream_is_closed_and_unused_pool_dropped(fresh_amqplexd, user):
+    daemon = fresh_amqplexd(
+        env={"AMQP_POOL_IDLE_TIMEOUT": "1", "AMQP_POOL_CLEANUP_INTERVAL": "0.2"}
+    )
+    connection = pika.BlockingConnection(proxy_params(daemon.port, user))
+    connection.channel().basic_publish("", "amqplex-nowhere", b"x")
+    assert len(proxy_connections(user.name)) == 1
+    connection.close()
+    wait_until(lambda: not proxy_connections(user.name), timeout=20, interval=0.5)
+    wait_until(lambda: scrape(daemon.status_port)["amqplex_pools"] == 0)
+    # And it comes back on demand.
+    again = pika.BlockingConnection(proxy_params(daemon.port, user))
+    assert again.channel().is_open
+    again.close()
+
+
+def test_wrong_credentials_never_grow_the_pools(fresh_amqplexd, user):
+    daemon = fresh_amqplexd()
+    for attempt in range(30):
+        bad = pika.ConnectionParameters(
+            host="127.0.0.1",
+            port=daemon.port,
+            credentials=pika.PlainCredentials(user.name, f"wrong-{attempt}"),
+            connection_attempts=1,
+        )
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(bad)
+    metrics = wait_until(
+        lambda: (m := scrape(daemon.status_port))["amqplex_authentication_failures_total"] == 30
+        and m
+    )
+    assert metrics["amqplex_pools"] == 0
+    assert metrics["amqplex_upstream_connections"] == 0
+
+
+def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
+    fresh_amqplexd, user, queue_name, canary_for
+):
+    daemon = fresh_amqplexd(env={"AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576"})
+    canary = canary_for(daemon.port, user)
+    slow = RawClient(daemon.port)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.handshake(user.name, user.password)
+    slow.open_channel(1)
+    slow.method(1, commands.Queue.Declare(queue=queue_name))
+    slow.expect(commands.Queue.DeclareOk)
+    slow.method(1, commands.Basic.Consume(queue=queue_name, no_ack=True))
+    slow.expect(commands.Basic.ConsumeOk)
+    # Now it reads nothing while 32 MB are delivered to it.
+    publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
+    channel = publisher.channel()
+    body = b"x" * 65536
+    for _ in range(512):
+        channel.basic_publish("", queue_name, body)
+        canary.wait_round_trips(0)
+    publisher.close()
+    metrics = wait_until(
+        lambda: (
+            (m := scrape(daemon.status_port)).get("amqplex_slow_client_disconnects_total", 0) >= 1
+            and m
+        )
+    )
+    assert metrics["amqplex_client_errors_total{code=320}"] >= 1
+    # The canary kept its round trips going on the same upstream throughout.
+    canary.wait_round_trips(5, timeout=5)
+    assert slow.read_eof(timeout=15)
+    slow.close()
