@@ -23,7 +23,6 @@ from amqplex.protocol.errors import ConnectionException
 _FRAME_HEADER = struct.Struct(">BHI")
 _CHANNEL = struct.Struct(">H")
 _UINT32 = struct.Struct(">I")
-_UINT64 = struct.Struct(">Q")
 _FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
 
 Frame = tuple[int, int, bytes]
@@ -96,15 +95,6 @@ def rewrite_channel(frame: bytes, channel: bytes) -> bytes:
 def method_index(frame: bytes) -> int:
     """The (class_id << 16 | method_id) of a method frame: pamqp's `index`."""
     return _UINT32.unpack_from(frame, FRAME_HEADER_SIZE)[0]
-
-
-def content_class(frame: bytes) -> int:
-    return _CHANNEL.unpack_from(frame, FRAME_HEADER_SIZE)[0]
-
-
-def content_body_size(frame: bytes) -> int:
-    """The body size a content header frame announces (after class, weight)."""
-    return _UINT64.unpack_from(frame, FRAME_HEADER_SIZE + 4)[0]
 
 
 def payload_size(frame: bytes) -> int:

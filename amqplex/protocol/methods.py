@@ -5,7 +5,7 @@ the data path stays bytes (see framing).
 """
 
 from pamqp import base, commands, frame
-from pamqp.exceptions import UnmarshalingException
+from pamqp import decode as values
 
 from amqplex.protocol.constants import FRAME_HEADER_SIZE, ReplyCode
 from amqplex.protocol.errors import ConnectionException
@@ -14,34 +14,60 @@ Method = base.Frame
 
 
 def decode(frame_bytes: bytes) -> Method:
-    """Decode a whole method frame; a malformed one is RabbitMQ's 502."""
+    """Decode a whole method frame as strictly as RabbitMQ does: arguments
+    that are short, too long or not UTF-8 are its 501 FRAME_ERROR."""
     index = int.from_bytes(frame_bytes[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + 4])
+    class_id, method_id = index >> 16, index & 0xFFFF
     method_class = commands.INDEX_MAPPING.get(index)
     if method_class is None:
         raise ConnectionException(
             ReplyCode.COMMAND_INVALID,
-            f"unknown method: class {index >> 16}, method {index & 0xFFFF}",
-            index >> 16,
-            index & 0xFFFF,
+            f"unknown method: class {class_id}, method {method_id}",
+            class_id,
+            method_id,
         )
     method = method_class()
+    arguments = frame_bytes[FRAME_HEADER_SIZE + 4 : -1]
     try:
-        method.unmarshal(frame_bytes[FRAME_HEADER_SIZE + 4 : -1])
-    except (UnmarshalingException, ValueError, TypeError, IndexError) as error:
+        consumed = _unmarshal(method, arguments)
+    except UnicodeDecodeError:
         raise ConnectionException(
-            ReplyCode.SYNTAX_ERROR,
-            f"cannot decode {method.name}: {error}",
-            index >> 16,
-            index & 0xFFFF,
-        ) from error
-    except Exception as error:  # pamqp's decoders raise struct.error too
+            ReplyCode.FRAME_ERROR, "Malformed UTF-8 in shortstr"
+        ) from None
+    except Exception:  # pamqp's decoders raise struct.error, ValueError, IndexError
+        consumed = -1
+    if consumed != len(arguments):
         raise ConnectionException(
-            ReplyCode.SYNTAX_ERROR,
-            f"cannot decode {method.name}",
-            index >> 16,
-            index & 0xFFFF,
-        ) from error
+            ReplyCode.FRAME_ERROR,
+            f"cannot decode {method.name} arguments ({len(arguments)} bytes)",
+            class_id,
+            method_id,
+        )
     return method
+
+
+def _unmarshal(method: Method, data: bytes) -> int:
+    """pamqp's Frame.unmarshal, but counting what it consumed, so trailing
+    bytes are caught too (RabbitMQ refuses them)."""
+    offset = 0
+    bit = 0
+    in_bits = False
+    for argument in method.__slots__:
+        data_type = method.amqp_type(argument)
+        if in_bits and (data_type != "bit" or bit == 8):
+            offset, bit, in_bits = offset + 1, 0, False
+        if data_type == "bit":
+            if offset >= len(data):
+                raise ValueError("bits missing")
+            _, value = values.bit(data[offset : offset + 1], bit)
+            bit, in_bits = bit + 1, True
+        else:
+            consumed, value = values.by_type(data[offset:], data_type)
+            offset += consumed
+            if offset > len(data):
+                raise ValueError(f"{argument} truncated")
+        setattr(method, argument, value)
+    return offset + 1 if in_bits else offset
 
 
 def encode(channel: int, method: Method) -> bytes:

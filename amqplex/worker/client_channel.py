@@ -23,11 +23,10 @@ from amqplex.protocol.constants import (
     FRAME_METHOD,
     ReplyCode,
 )
+from amqplex.protocol.content import check_header
 from amqplex.protocol.errors import ChannelException, ConnectionException
 from amqplex.protocol.framing import (
     channel_bytes,
-    content_body_size,
-    content_class,
     method_index,
     payload_size,
     rewrite_channel,
@@ -48,6 +47,10 @@ _QUEUE_DECLARE = commands.Queue.Declare.index
 _QUEUE_DECLARE_OK = commands.Queue.DeclareOk.index
 _QUEUE_DELETE = commands.Queue.Delete.index
 _BASIC_CANCEL = commands.Basic.Cancel.index
+_BASIC_CONSUME = commands.Basic.Consume.index
+_BASIC_CONSUME_OK = commands.Basic.ConsumeOk.index
+_TX_COMMIT = commands.Tx.Commit.index
+_TX_COMMIT_OK = commands.Tx.CommitOk.index
 _DELIVERIES = frozenset((commands.Basic.Deliver.index, commands.Basic.GetOk.index))
 # Methods that name a queue: another client's exclusive queue is off limits.
 _NAMES_QUEUE = frozenset(
@@ -83,6 +86,8 @@ class ClientChannel:
         "declares",
         "closing",
         "closed_by_proxy",
+        "consumer_tags",
+        "committing",
     )
 
     def __init__(self, session: ClientSession, cid: int) -> None:
@@ -104,6 +109,11 @@ class ClientChannel:
         self.closing = False
         # The proxy closed this channel (405) and waits for the client's CloseOk.
         self.closed_by_proxy = False
+        # Live consumer tags: reusing one is a connection error at the broker.
+        self.consumer_tags: set[str] = set()
+        # Tx.Commit sent, CommitOk not yet back: the broker takes nothing but
+        # Channel.Close meanwhile, and anything else is a connection error.
+        self.committing = False
 
     # -- binding to an upstream channel ---------------------------------------
 
@@ -149,15 +159,8 @@ class ClientChannel:
         elif frame_type == FRAME_HEADER:
             if self.expect != _EXPECT_HEADER:
                 raise _unexpected_frame(self.expect)
-            if content_class(frame) != BASIC_CLASS_ID:
-                raise ConnectionException(
-                    ReplyCode.UNEXPECTED_FRAME,
-                    f"expected content header for class {BASIC_CLASS_ID}, got one "
-                    f"for class {content_class(frame)} instead",
-                    *_PUBLISH_IDS,
-                )
+            self.body_left = check_header(frame)
             self.content.append(frame)
-            self.body_left = content_body_size(frame)
             if self.body_left == 0:
                 self._send_content()
             else:
@@ -188,6 +191,18 @@ class ClientChannel:
             raise ConnectionException(ReplyCode.CHANNEL_ERROR, "second 'channel.open' seen", 20, 10)
         method = methods.decode(frame)
         check_client_method(method)
+        if self.committing:
+            raise ConnectionException(
+                ReplyCode.CHANNEL_ERROR,
+                "unexpected command while processing 'tx.commit'",
+                *methods.ids(type(method)),
+            )
+        if index == _BASIC_CONSUME:
+            self._track_consumer(method)
+        elif index == _BASIC_CANCEL:
+            self.consumer_tags.discard(method.consumer_tag)
+        elif index == _TX_COMMIT:
+            self.committing = True
         if index in _NAMES_QUEUE:
             self._check_queue_owner(method)
         if index == _QUEUE_DECLARE and not method.nowait:
@@ -195,6 +210,18 @@ class ClientChannel:
         elif index == _QUEUE_DELETE:
             self.session.pool.disown(method.queue, self.session)
         self._send(frame)
+
+    def _track_consumer(self, method: commands.Basic.Consume) -> None:
+        tag = method.consumer_tag
+        if not tag:
+            return  # the broker makes one up; ConsumeOk tells us
+        if tag in self.consumer_tags:
+            raise ConnectionException(
+                ReplyCode.NOT_ALLOWED,
+                f"attempt to reuse consumer tag '{tag}'",
+                *methods.ids(commands.Basic.Consume),
+            )
+        self.consumer_tags.add(tag)
 
     def _check_queue_owner(self, method: methods.Method) -> None:
         owner = self.session.pool.owners.get(method.queue)
@@ -289,10 +316,16 @@ class ClientChannel:
                     session.pool.own(queue, session, self.slot.upstream)
             elif index in _DELIVERIES:
                 session.worker.stats.messages_delivered += 1
-            elif index == _BASIC_CANCEL and not session.cancel_notify:
-                # The broker drops such consumers silently for clients that
-                # did not advertise consumer_cancel_notify.
-                return
+            elif index == _BASIC_CONSUME_OK:
+                self.consumer_tags.add(methods.decode(frame).consumer_tag)
+            elif index == _BASIC_CANCEL:
+                self.consumer_tags.discard(methods.decode(frame).consumer_tag)
+                if not session.cancel_notify:
+                    # The broker drops such consumers silently for clients
+                    # that did not advertise consumer_cancel_notify.
+                    return
+            elif index == _TX_COMMIT_OK:
+                self.committing = False
         session.write(rewrite_channel(frame, self.cid_bytes))
 
     def closed_by_broker(self, frame: bytes) -> None:

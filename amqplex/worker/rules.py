@@ -44,6 +44,7 @@ CLIENT_METHODS = frozenset(
 EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
 
 _PUBLISH_IDS = methods.ids(commands.Basic.Publish)
+_RECOVER = (commands.Basic.Recover, commands.Basic.RecoverAsync)
 _PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
 
 
@@ -89,5 +90,5 @@ def check_client_method(
     elif method_class is commands.Channel.Flow:
         if not method.active:
             raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "active=false", *ids)
-    elif method_class is commands.Basic.RecoverAsync and not method.requeue:
+    elif method_class in _RECOVER and not method.requeue:
         raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "requeue=false", *ids)

@@ -67,12 +67,35 @@ class Case:
     channel_max: int = 0
     # Channels opened (and answered) besides channel 1 before the bytes are sent.
     open_first: tuple[int, ...] = ()
+    # Well-formed requests sent (and answered) on channel 1 before the bytes.
+    prepare: tuple = ()
 
 
 def _oversized(client: RawClient) -> bytes:
     # RabbitMQ takes a payload of up to frame_max (8 bytes of slack); one more is too big.
     size = client.tune.frame_max + 1
     return struct.pack(">BHI", 3, 1, size) + b"x" * size + b"\xce"
+
+
+def with_extra_byte(raw: bytes) -> bytes:
+    """The same frame with one byte more in its payload."""
+    payload = raw[7:-1] + b"\x00"
+    return raw[:3] + struct.pack(">I", len(payload)) + payload + b"\xce"
+
+
+def queue_declare_named(channel: int, name: bytes) -> bytes:
+    """Queue.Declare whose queue name is any bytes (pamqp would insist on text)."""
+    payload = (
+        struct.pack(">IH", commands.Queue.Declare.index, 0)
+        + bytes([len(name)])
+        + name
+        + b"\x00"
+        + struct.pack(">I", 0)
+    )
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
+CTAG_QUEUE = f"amqplex-isolation-ctag-{uuid.uuid4().hex[:8]}"
 
 
 def _frame_max_payload_body(client: RawClient) -> bytes:
@@ -130,6 +153,26 @@ CASES = [
         "channel-id-above-channel-max",
         lambda c: method_frame(c.tune.channel_max + 1, commands.Channel.Open()),
     ),
+    Case(
+        "consumer-tag-reused",
+        lambda c: method_frame(1, commands.Basic.Consume(queue=CTAG_QUEUE, consumer_tag="ct1")),
+        prepare=(
+            commands.Queue.Declare(queue=CTAG_QUEUE, exclusive=True),
+            commands.Basic.Consume(queue=CTAG_QUEUE, consumer_tag="ct1"),
+        ),
+    ),
+    Case("recover-without-requeue", lambda c: method_frame(1, commands.Basic.Recover(False))),
+    Case(
+        "method-with-trailing-bytes",
+        lambda c: with_extra_byte(declare(1)),
+        text_prefix="FRAME_ERROR - cannot decode",
+    ),
+    Case("malformed-utf8-queue-name", lambda c: queue_declare_named(1, b"\xff\xfeq")),
+    Case(
+        "malformed-content-properties",
+        lambda c: publish(1) + with_extra_byte(content_header(1, 3)) + body_frame(1, b"abc"),
+        text_prefix="INTERNAL_ERROR",
+    ),
     # ... and one channel more than channel_max is 530 NOT_ALLOWED.
     Case(
         "more-channels-than-channel-max",
@@ -183,6 +226,9 @@ class Answer:
 def misbehave(port: int, user, case: Case) -> Answer:
     """Send the case's bytes and return the server's first answer."""
     with connect(port, user, case.channel_max, case.open_first) as client:
+        for request in case.prepare:
+            client.method(1, request)
+            client.read_method(ANSWER_TIMEOUT)
         client.send(case.send(client))
         got = client.read_method(ANSWER_TIMEOUT)
         assert got is not None, f"{case.name}: port {port} closed the socket without a word"

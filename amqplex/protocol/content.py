@@ -1,0 +1,79 @@
+"""Checking a client's content header before it reaches a shared upstream.
+
+RabbitMQ decodes message properties lazily and answers malformed ones with a
+connection-level 541, which would close every client's channels on the
+upstream. So the proxy walks the property list itself: a fixed layout of
+short strings, octets and a timestamp, plus one field table — no objects
+are built except for a present `headers` table.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pamqp import commands
+from pamqp import decode as values
+
+from amqplex.protocol.constants import BASIC_CLASS_ID, FRAME_HEADER_SIZE, ReplyCode
+from amqplex.protocol.errors import ConnectionException
+
+_HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
+_PUBLISH_IDS = (commands.Basic.Publish.index >> 16, commands.Basic.Publish.index & 0xFFFF)
+_WIDTHS = {"octet": 1, "timestamp": 8}
+# (flag mask, AMQP type) in wire order.
+_LAYOUT = tuple(
+    (commands.Basic.Properties.flags[name], getattr(commands.Basic.Properties, "_" + name))
+    for name in commands.Basic.Properties.__slots__
+)
+_KNOWN_FLAGS = sum(mask for mask, _ in _LAYOUT)
+
+
+def check_header(frame: bytes) -> int:
+    """The body size a Basic content header announces, once its class,
+    weight and property list are known to be what RabbitMQ accepts."""
+    if len(frame) < FRAME_HEADER_SIZE + _HEADER.size + 1:
+        raise ConnectionException(
+            ReplyCode.FRAME_ERROR, "type 2, all octets = <<>>: unknown_frame"
+        )
+    class_id, weight, body_size, flags = _HEADER.unpack_from(frame, FRAME_HEADER_SIZE)
+    if class_id != BASIC_CLASS_ID:
+        raise ConnectionException(
+            ReplyCode.UNEXPECTED_FRAME,
+            f"expected content header for class {BASIC_CLASS_ID}, "
+            f"got one for class {class_id} instead",
+            *_PUBLISH_IDS,
+        )
+    if weight != 0:
+        raise ConnectionException(
+            ReplyCode.UNEXPECTED_FRAME,
+            f"expected content header for class {BASIC_CLASS_ID}, "
+            "got non content header frame instead",
+            *_PUBLISH_IDS,
+        )
+    end = len(frame) - 1
+    pos = FRAME_HEADER_SIZE + _HEADER.size
+    if flags == 0 and pos == end:
+        return body_size
+    if flags & ~_KNOWN_FLAGS or not _properties_fit(frame, pos, end, flags):
+        raise ConnectionException(ReplyCode.INTERNAL_ERROR, "malformed content properties")
+    return body_size
+
+
+def _properties_fit(frame: bytes, pos: int, end: int, flags: int) -> bool:
+    """Whether the present properties exactly fill the rest of the frame."""
+    try:
+        for mask, kind in _LAYOUT:
+            if not flags & mask:
+                continue
+            if kind == "shortstr":
+                pos += 1 + frame[pos]
+            elif kind == "table":
+                consumed, _ = values.field_table(frame[pos:end])
+                pos += consumed
+            else:
+                pos += _WIDTHS[kind]
+            if pos > end:
+                return False
+    except (IndexError, ValueError, struct.error):
+        return False
+    return pos == end

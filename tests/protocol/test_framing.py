@@ -1,0 +1,279 @@
+"""Frame splitting and the byte-level frame edits, as pure unit tests: valid
+streams in every chunking, and arbitrary bytes (hypothesis), which must give
+consistent frames or a 501 FRAME_ERROR and nothing else."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pamqp import commands, frame, header
+
+from amqplex.protocol.constants import (
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    FRAME_OVERHEAD,
+    HEARTBEAT_FRAME,
+    ReplyCode,
+)
+from amqplex.protocol.errors import ConnectionException
+from amqplex.protocol.framing import (
+    FrameSplitter,
+    channel_bytes,
+    payload_size,
+    rewrite_channel,
+    split_body,
+)
+
+FRAME_TYPES = (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT)
+
+
+def make_frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", frame_type, channel, len(payload)) + payload + bytes((FRAME_END,))
+
+
+def sample_stream() -> list[bytes]:
+    """A few real frames of every type: method, content header, body, heartbeat."""
+    return [
+        frame.marshal(commands.Basic.Publish(exchange="", routing_key="q"), 3),
+        frame.marshal(header.ContentHeader(0, 11, commands.Basic.Properties()), 3),
+        make_frame(FRAME_BODY, 3, b"hello world"),
+        HEARTBEAT_FRAME,
+        make_frame(FRAME_BODY, 65535, b""),
+        frame.marshal(
+            commands.Channel.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0), 7
+        ),
+    ]
+
+
+def assert_consistent(frames: list, frame_max: int) -> None:
+    """Each frame's type, channel and size agree with its own bytes."""
+    for frame_type, channel, raw in frames:
+        assert frame_type in FRAME_TYPES
+        assert raw[0] == frame_type
+        assert int.from_bytes(raw[1:3]) == channel
+        assert int.from_bytes(raw[3:7]) == len(raw) - FRAME_OVERHEAD == payload_size(raw)
+        assert raw[-1] == FRAME_END
+        assert len(raw) <= frame_max
+
+
+def feed(splitter: FrameSplitter, data: bytes, cuts: list[int]) -> list:
+    """Feed `data` in the pieces the sorted offsets `cuts` make."""
+    frames = []
+    start = 0
+    for cut in [*cuts, len(data)]:
+        frames.extend(splitter.split(data[start:cut]))
+        start = cut
+    return frames
+
+
+def outcome(data: bytes, frame_max: int, cuts: list[int]) -> tuple:
+    """("frames", frames, buffered) or ("error", code), fed in those pieces."""
+    splitter = FrameSplitter(frame_max)
+    try:
+        frames = feed(splitter, data, cuts)
+    except ConnectionException as error:
+        return ("error", error.code)
+    return ("frames", frames, splitter.buffered)
+
+
+# -- valid frames ------------------------------------------------------------------
+
+
+def test_whole_stream_gives_every_frame():
+    stream = sample_stream()
+    frames = FrameSplitter(4096).split(b"".join(stream))
+    assert [raw for _, _, raw in frames] == stream
+    assert [(t, c) for t, c, _ in frames] == [(1, 3), (2, 3), (3, 3), (8, 0), (3, 65535), (1, 7)]
+
+
+def test_stream_split_at_every_byte_boundary_reassembles():
+    stream = sample_stream()
+    data = b"".join(stream)
+    for cut in range(len(data) + 1):
+        splitter = FrameSplitter(4096)
+        frames = splitter.split(data[:cut]) + splitter.split(data[cut:])
+        assert [raw for _, _, raw in frames] == stream, cut
+        assert splitter.buffered == 0
+
+
+def test_stream_fed_one_byte_at_a_time_reassembles():
+    stream = sample_stream()
+    data = b"".join(stream)
+    splitter = FrameSplitter(4096)
+    frames = feed(splitter, data, list(range(1, len(data))))
+    assert [raw for _, _, raw in frames] == stream
+    assert splitter.buffered == 0
+
+
+def test_incomplete_frame_is_held_back():
+    data = make_frame(FRAME_BODY, 1, b"x" * 100)
+    splitter = FrameSplitter(4096)
+    assert splitter.split(data[:50]) == []
+    assert splitter.buffered == 50
+    assert splitter.split(data[50:]) == [(FRAME_BODY, 1, data)]
+    assert splitter.buffered == 0
+
+
+def test_frame_of_exactly_frame_max_is_accepted():
+    data = make_frame(FRAME_BODY, 1, b"x" * (4096 - FRAME_OVERHEAD))
+    assert FrameSplitter(4096).split(data) == [(FRAME_BODY, 1, data)]
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(make_frame(FRAME_BODY, 1, b"x" * 4089), id="frame-max-plus-one"),
+        pytest.param(make_frame(FRAME_BODY, 1, b"abc")[:-1] + b"\x00", id="bad-frame-end"),
+        pytest.param(make_frame(9, 1, b"abc"), id="unknown-type"),
+        pytest.param(make_frame(0, 0, b""), id="type-zero"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n", id="text"),
+        pytest.param(struct.pack(">BHI", 3, 1, 0xFFFFFFFF) + b"\xce", id="huge-size"),
+    ],
+)
+def test_bad_frames_are_frame_error(data):
+    with pytest.raises(ConnectionException) as raised:
+        FrameSplitter(4096).split(data)
+    assert raised.value.code == ReplyCode.FRAME_ERROR
+    assert raised.value.text.startswith("FRAME_ERROR - ")
+
+
+def test_oversized_frame_is_refused_from_its_header_alone():
+    """No need to buffer a frame that can never be valid."""
+    data = make_frame(FRAME_BODY, 1, b"x" * 10000)
+    with pytest.raises(ConnectionException) as raised:
+        FrameSplitter(4096).split(data[:7] + b"x")
+    assert raised.value.code == ReplyCode.FRAME_ERROR
+
+
+# -- properties on arbitrary bytes -----------------------------------------------------
+
+frame_maxes = st.sampled_from([8, 9, 16, 64, 4096, 131072])
+
+
+@st.composite
+def nearly_frames(draw) -> bytes:
+    """Byte streams made of frame-shaped pieces, some valid, some slightly off,
+    so the splitter's checks are reached far more often than by pure noise."""
+    pieces = []
+    for _ in range(draw(st.integers(0, 6))):
+        frame_type = draw(st.sampled_from([*FRAME_TYPES, 0, 4, 206, 255]))
+        payload = draw(st.binary(max_size=40))
+        size = draw(st.one_of(st.just(len(payload)), st.integers(0, 2**32 - 1)))
+        end = draw(st.sampled_from([FRAME_END, FRAME_END, FRAME_END, 0, 0xCD]))
+        channel = draw(st.integers(0, 65535))
+        pieces.append(struct.pack(">BHI", frame_type, channel, size) + payload + bytes((end,)))
+    pieces.append(draw(st.binary(max_size=12)))
+    return b"".join(pieces)
+
+
+streams = st.one_of(st.binary(max_size=300), nearly_frames())
+
+
+@st.composite
+def cut_points(draw, data: bytes) -> list[int]:
+    return sorted(draw(st.lists(st.integers(0, len(data)), max_size=10)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=streams, frame_max=frame_maxes)
+def test_arbitrary_bytes_give_consistent_frames_or_frame_error(data, frame_max):
+    splitter = FrameSplitter(frame_max)
+    try:
+        frames = splitter.split(data)
+    except ConnectionException as error:
+        assert error.code == ReplyCode.FRAME_ERROR
+        return
+    assert_consistent(frames, frame_max)
+    consumed = sum(len(raw) for _, _, raw in frames)
+    assert b"".join(raw for _, _, raw in frames) == data[:consumed]
+    assert splitter.buffered == len(data) - consumed
+    # What is held back is never a complete frame.
+    assert splitter.buffered < FRAME_OVERHEAD or (
+        int.from_bytes(data[consumed + 3 : consumed + 7]) + FRAME_OVERHEAD > splitter.buffered
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data(), stream=streams, frame_max=frame_maxes)
+def test_any_chunking_gives_the_same_outcome(data, stream, frame_max):
+    cuts = data.draw(cut_points(stream))
+    whole = outcome(stream, frame_max, [])
+    chunked = outcome(stream, frame_max, cuts)
+    assert chunked == whole
+
+
+@st.composite
+def valid_streams(draw) -> list[bytes]:
+    return draw(
+        st.lists(
+            st.builds(
+                make_frame,
+                st.sampled_from(FRAME_TYPES),
+                st.integers(0, 65535),
+                st.binary(max_size=200),
+            ),
+            max_size=8,
+        )
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), stream=valid_streams())
+def test_valid_stream_in_any_chunking_gives_every_frame(data, stream):
+    joined = b"".join(stream)
+    cuts = data.draw(cut_points(joined))
+    splitter = FrameSplitter(4096)
+    frames = feed(splitter, joined, cuts)
+    assert [raw for _, _, raw in frames] == stream
+    assert splitter.buffered == 0
+    assert_consistent(frames, 4096)
+
+
+# -- byte-level edits ----------------------------------------------------------------
+
+
+@given(
+    frame_type=st.sampled_from(FRAME_TYPES),
+    old=st.integers(0, 65535),
+    new=st.integers(0, 65535),
+    payload=st.binary(max_size=100),
+)
+def test_rewrite_channel_changes_only_the_channel(frame_type, old, new, payload):
+    original = make_frame(frame_type, old, payload)
+    rewritten = rewrite_channel(original, channel_bytes(new))
+    assert rewritten == make_frame(frame_type, new, payload)
+    assert FrameSplitter(4096).split(rewritten) == [(frame_type, new, rewritten)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.binary(min_size=1, max_size=20000),
+    old=st.integers(0, 65535),
+    new=st.integers(0, 65535),
+    frame_max=st.one_of(st.integers(9, 64), st.sampled_from([4096, 4097, 8192, 131072])),
+)
+def test_split_body_reassembles_within_frame_max(payload, old, new, frame_max):
+    frames = split_body(make_frame(FRAME_BODY, old, payload), channel_bytes(new), frame_max)
+    assert frames
+    assert all(len(raw) <= frame_max for raw in frames)
+    parsed = FrameSplitter(frame_max).split(b"".join(frames))
+    assert [raw for _, _, raw in parsed] == frames
+    assert all(frame_type == FRAME_BODY and channel == new for frame_type, channel, _ in parsed)
+    assert all(payload_size(raw) > 0 for raw in frames)
+    assert b"".join(raw[7:-1] for raw in frames) == payload
+    # As few frames as frame_max allows: all but the last are full.
+    assert all(len(raw) == frame_max for raw in frames[:-1])
+
+
+def test_split_body_of_a_small_frame_is_one_frame_on_the_new_channel():
+    original = make_frame(FRAME_BODY, 5, b"abc")
+    assert split_body(original, channel_bytes(9), 4096) == [make_frame(FRAME_BODY, 9, b"abc")]

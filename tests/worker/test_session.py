@@ -1,0 +1,347 @@
+"""The client session: the handshake the proxy answers itself, protocol
+headers it cannot speak, heartbeats both ways, frame_max and the handshake
+timeout — each checked through the real daemon against the real broker, and
+where the broker's own answer matters, against the broker directly too."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pika
+import pytest
+from pamqp import commands
+
+from amqplex.protocol.constants import FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, PROTOCOL_HEADER
+from tests.conftest import broker_params, proxy_params
+from tests.support import broker
+from tests.support.rawclient import RawClient
+
+BROKER = broker.BROKER_PORT
+HUNDRED_KB = bytes(range(256)) * 400  # 102400 bytes: ~25 frames of 4096
+
+
+def connection_start(port: int) -> commands.Connection.Start:
+    with RawClient(port) as client:
+        client.send(PROTOCOL_HEADER)
+        _, start = client.expect(commands.Connection.Start)
+        return start
+
+
+def reply_to_header(port: int, header: bytes, timeout: float = 5) -> tuple[bytes, bool]:
+    """Everything the server sends after `header`, and whether it then closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(header)
+        received = b""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                return received, False
+            except ConnectionResetError:
+                return received, True
+            if not data:
+                return received, True
+            received += data
+        return received, False
+
+
+def methods_until_eof(client: RawClient, timeout: float) -> list:
+    """Every method the server sends until it closes the socket (a reset counts)."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            item = client.read_method(remaining)
+        except ConnectionResetError:
+            return got
+        if item is None:
+            return got
+        got.append(item[1])
+    raise AssertionError(f"server did not close the socket within {timeout}s; sent {got!r}")
+
+
+def broker_connection_timeouts(user: str) -> dict[str, int]:
+    """name -> negotiated heartbeat of the broker's connections for `user`."""
+    out = broker.rabbitmqctl("list_connections", "--formatter", "json", "name", "user", "timeout")
+    return {row["name"]: row["timeout"] for row in json.loads(out or "[]") if row["user"] == user}
+
+
+# -- Connection.Start ------------------------------------------------------------
+
+
+def test_start_offers_the_brokers_own_server_properties(amqplexd):
+    direct = connection_start(BROKER).server_properties
+    proxied = connection_start(amqplexd.port).server_properties
+    assert "publisher_confirms" in direct["capabilities"]
+    for key in ("product", "version", "capabilities"):
+        assert proxied[key] == direct[key], key
+
+
+def test_start_offers_plain_and_amqplain(amqplexd):
+    mechanisms = connection_start(amqplexd.port).mechanisms
+    if isinstance(mechanisms, bytes):
+        mechanisms = mechanisms.decode()
+    assert {"PLAIN", "AMQPLAIN"} <= set(mechanisms.split())
+
+
+def test_pika_confirm_delivery_works_through_the_proxy(amqplexd, queue_name):
+    connection = pika.BlockingConnection(proxy_params(amqplexd.port))
+    try:
+        assert connection._impl.publisher_confirms, "pika saw no publisher_confirms capability"
+        channel = connection.channel()
+        channel.queue_declare(queue_name)
+        channel.confirm_delivery()
+        for i in range(10):
+            channel.basic_publish("", queue_name, str(i).encode())  # raises if nacked
+        with pytest.raises(pika.exceptions.UnroutableError):
+            channel.basic_publish("", f"{queue_name}-nowhere", b"x", mandatory=True)
+        assert channel.queue_declare(queue_name, passive=True).method.message_count == 10
+    finally:
+        connection.close()
+
+
+# -- protocol headers ------------------------------------------------------------
+
+FOREIGN_HEADERS = [
+    pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http"),
+    pytest.param(b"AMQP\x00\x00\x09\x00", id="amqp-0-9-0"),
+    pytest.param(b"AMQP\x01\x01\x00\x0a", id="amqp-0-10"),
+    pytest.param(b"AMQP\x00\x00\x08\x00", id="amqp-0-8"),
+]
+
+
+@pytest.mark.parametrize("header", FOREIGN_HEADERS)
+def test_broker_answers_foreign_header_with_0_9_1_and_closes(header):
+    assert reply_to_header(BROKER, header) == (PROTOCOL_HEADER, True)
+
+
+@pytest.mark.parametrize("header", FOREIGN_HEADERS)
+def test_proxy_answers_foreign_header_with_0_9_1_and_closes(amqplexd, header):
+    assert reply_to_header(amqplexd.port, header) == (PROTOCOL_HEADER, True)
+
+
+def test_proxy_refuses_foreign_header_sent_byte_by_byte(amqplexd):
+    with socket.create_connection(("127.0.0.1", amqplexd.port), timeout=5) as sock:
+        sock.sendall(b"AM")
+        sock.sendall(b"QP\x00\x00\x09")
+        sock.sendall(b"\x00")
+        received = b""
+        while data := sock.recv(4096):
+            received += data
+    assert received == PROTOCOL_HEADER
+
+
+# -- heartbeats with the client --------------------------------------------------
+
+
+def test_idle_client_receives_heartbeats(amqplexd):
+    with RawClient(amqplexd.port) as client:
+        client.handshake(heartbeat=2)
+        started = time.monotonic()
+        frame_type, channel, raw = client.read_frame(timeout=3)
+        assert (frame_type, channel) == (FRAME_HEARTBEAT, 0)
+        assert time.monotonic() - started < 3
+
+
+def test_silent_client_is_dropped_after_two_intervals(amqplexd):
+    with RawClient(amqplexd.port) as client:
+        _, opened = client.handshake(heartbeat=2)
+        assert isinstance(opened, commands.Connection.OpenOk)
+        started = time.monotonic()
+        assert client.read_eof(timeout=8), "silent client was never dropped"
+        elapsed = time.monotonic() - started
+    # Two intervals are 4 s and the proxy looks every heartbeat/2: (4, 5] s.
+    # (RabbitMQ itself drops such a client at ~6 s.)
+    assert 3.5 <= elapsed <= 5.6, f"dropped after {elapsed:.2f}s"
+
+
+def test_client_sending_heartbeats_stays_connected(amqplexd):
+    with RawClient(amqplexd.port) as client:
+        client.handshake(heartbeat=2)
+        # Echo each of the proxy's heartbeats for well past the drop time.
+        heartbeats = 0
+        deadline = time.monotonic() + 7
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                got = client.read_frame(timeout=remaining)
+            except TimeoutError:
+                break
+            assert got is not None, f"dropped after {heartbeats} heartbeats"
+            assert got[0] == FRAME_HEARTBEAT, got
+            heartbeats += 1
+            client.send(b"\x08\x00\x00\x00\x00\x00\x00\xce")
+        assert heartbeats >= 5
+        client.open_channel(1)
+
+
+def test_broker_drops_a_silent_connection_with_heartbeat_1():
+    """The control for the upstream heartbeat test: silence is fatal there."""
+    with RawClient(BROKER) as client:
+        client.handshake(heartbeat=1)
+        assert client.read_eof(timeout=6)
+
+
+def test_idle_consumer_outlives_the_brokers_heartbeat_timeout(fresh_amqplexd, user, queue_name):
+    daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_HEARTBEAT": "1"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port, user, heartbeat=0))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue_name)
+        received = []
+        channel.basic_consume(queue_name, lambda ch, m, p, body: received.append(body), True)
+        before = broker_connection_timeouts(user.name)
+        assert list(before.values()) == [1], f"upstream heartbeat not 1: {before}"
+        connection.sleep(5)  # the idleness under test
+        publisher = pika.BlockingConnection(broker_params())
+        publisher.channel().basic_publish("", queue_name, b"after idling")
+        publisher.close()
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.2)
+        assert received == [b"after idling"]
+        assert broker_connection_timeouts(user.name) == before
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+# -- frame_max ---------------------------------------------------------------------
+
+
+def test_small_frame_max_client_gets_large_messages_intact(amqplexd, queue_name):
+    publisher = pika.BlockingConnection(broker_params())
+    publisher.channel().queue_declare(queue_name)
+    connection = pika.BlockingConnection(proxy_params(amqplexd.port, frame_max=4096))
+    try:
+        assert connection._impl.params.frame_max == 4096
+        channel = connection.channel()
+        bodies = [HUNDRED_KB, HUNDRED_KB[::-1]]
+        for body in bodies:
+            publisher.channel().basic_publish("", queue_name, body)
+        _, _, got = channel.basic_get(queue_name, auto_ack=True)
+        assert got == bodies[0]
+        for method, _, got in channel.consume(queue_name, auto_ack=True, inactivity_timeout=5):
+            assert method is not None, "delivery did not arrive"
+            assert got == bodies[1]
+            break
+        channel.cancel()
+    finally:
+        connection.close()
+        publisher.close()
+
+
+def test_small_frame_max_client_can_publish_large_messages(amqplexd, queue_name):
+    connection = pika.BlockingConnection(proxy_params(amqplexd.port, frame_max=4096))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue_name)
+        channel.confirm_delivery()
+        channel.basic_publish("", queue_name, HUNDRED_KB)
+    finally:
+        connection.close()
+    direct = pika.BlockingConnection(broker_params())
+    try:
+        _, _, got = direct.channel().basic_get(queue_name, auto_ack=True)
+        assert got == HUNDRED_KB
+    finally:
+        direct.close()
+
+
+def test_bodies_are_resplit_to_the_clients_frame_max(amqplexd, queue_name):
+    publisher = pika.BlockingConnection(broker_params())
+    try:
+        publisher.channel().queue_declare(queue_name)
+        publisher.channel().basic_publish("", queue_name, HUNDRED_KB)
+    finally:
+        publisher.close()
+    with RawClient(amqplexd.port) as client:
+        client.handshake(frame_max=4096)
+        client.open_channel(1)
+        client.method(1, commands.Basic.Get(queue=queue_name, no_ack=True))
+        client.expect(commands.Basic.GetOk)
+        frame_type, channel, header = client.read_frame()
+        assert (frame_type, channel) == (FRAME_HEADER, 1)
+        assert len(header) <= 4096
+        body = b""
+        while len(body) < len(HUNDRED_KB):
+            frame_type, channel, raw = client.read_frame()
+            assert (frame_type, channel) == (FRAME_BODY, 1)
+            assert len(raw) <= 4096, f"body frame of {len(raw)} bytes"
+            body += raw[7:-1]
+        assert body == HUNDRED_KB
+
+
+# -- frame_max below the minimum ---------------------------------------------------
+
+
+def test_broker_refuses_tune_ok_below_frame_min_size():
+    """RabbitMQ 3.10 refuses with not_allowed (530) — it logs "negotiated
+    frame_max = 4095 is lower than the minimum allowed value (4096)" — and,
+    the handshake not being done, closes the socket after its silent-close
+    delay without sending the Close (older brokers did send it)."""
+    with RawClient(BROKER) as client:
+        client.handshake(frame_max=4095, open_connection=False)
+        client.method(0, commands.Connection.Open(virtual_host="/"))
+        got = methods_until_eof(client, timeout=8)
+    assert not any(isinstance(method, commands.Connection.OpenOk) for method in got)
+    assert all(
+        method.reply_code == 530 for method in got if isinstance(method, commands.Connection.Close)
+    ), got
+
+
+@pytest.mark.parametrize("frame_max", [4095, 1024])
+def test_proxy_refuses_tune_ok_below_frame_min_size_with_530(amqplexd, frame_max):
+    with RawClient(amqplexd.port) as client:
+        client.handshake(frame_max=frame_max, open_connection=False)
+        client.method(0, commands.Connection.Open(virtual_host="/"))
+        close = client.expect_connection_close(timeout=5)
+        assert close.reply_code == 530
+        assert close.reply_text.startswith("NOT_ALLOWED - ")
+        assert str(frame_max) in close.reply_text
+        assert (close.class_id, close.method_id) == (10, 31)
+        assert methods_until_eof(client, timeout=5) == []
+
+
+# -- handshake timeout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["partial-header", "after-start-ok", "after-tune-ok"])
+def test_stalled_handshake_is_closed_after_the_timeout(fresh_amqplexd, stage):
+    daemon = fresh_amqplexd(env={"AMQP_CLIENT_HANDSHAKE_TIMEOUT": "1"})
+    with RawClient(daemon.port) as client:
+        started = time.monotonic()
+        if stage == "partial-header":
+            client.send(PROTOCOL_HEADER[:5])
+        else:
+            client.send(PROTOCOL_HEADER)
+            client.expect(commands.Connection.Start)
+            client.method(
+                0,
+                commands.Connection.StartOk(
+                    client_properties={}, mechanism="PLAIN", response="\0guest\0guest"
+                ),
+            )
+            _, tune = client.expect(commands.Connection.Tune)
+            if stage == "after-tune-ok":
+                client.method(
+                    0,
+                    commands.Connection.TuneOk(
+                        channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=0
+                    ),
+                )
+        assert client.read_eof(timeout=5), "stalled client was never closed"
+        elapsed = time.monotonic() - started
+    assert 0.8 <= elapsed <= 3, f"closed after {elapsed:.2f}s"
+
+
+def test_handshake_timeout_spares_a_finished_handshake(fresh_amqplexd):
+    daemon = fresh_amqplexd(env={"AMQP_CLIENT_HANDSHAKE_TIMEOUT": "1"})
+    with RawClient(daemon.port) as client:
+        _, opened = client.handshake()
+        assert isinstance(opened, commands.Connection.OpenOk)
+        assert not client.read_eof(timeout=2)
+        client.open_channel(1)
