@@ -135,3 +135,14 @@ def canary_for():
     yield start
     for canary in canaries:
         canary.stop()
+
+
+@pytest.fixture
+def relay():
+    """A TCP relay to the broker the test owns (tests/support/relay.py): give it
+    to a daemon as its upstream, read what travelled, inject faults."""
+    from tests.support.relay import Relay
+
+    started = Relay().start()
+    yield started
+    started.stop()

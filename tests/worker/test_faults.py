@@ -1,0 +1,156 @@
+"""Faults between amqplex and the broker, injected by the tests' own TCP
+relay (never by stopping the shared broker): no client hangs, confirms keep
+their promise, and the proxy comes back by itself (issue 5 points 1, 2, 6, 7)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pika
+import pytest
+from pamqp import commands
+
+from tests.conftest import broker_params, proxy_params
+from tests.support.rawclient import RawClient
+
+
+def wait_until(predicate, timeout: float = 15, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def client_with_channel(port: int) -> RawClient:
+    client = RawClient(port)
+    client.handshake()
+    client.open_channel(1)
+    return client
+
+
+def can_connect(port: int) -> bool:
+    try:
+        connection = pika.BlockingConnection(proxy_params(port, connection_attempts=1))
+    except pika.exceptions.AMQPError:
+        return False
+    ok = connection.channel().is_open
+    connection.close()
+    return ok
+
+
+def drain_queue(name: str) -> list[bytes]:
+    connection = pika.BlockingConnection(broker_params())
+    channel = connection.channel()
+    bodies = []
+    while (got := channel.basic_get(name, auto_ack=True))[0] is not None:
+        bodies.append(got[2])
+    connection.close()
+    return bodies
+
+
+@pytest.fixture
+def through_relay(fresh_amqplexd, relay):
+    """A daemon whose upstream goes through the relay (heartbeat 1 s)."""
+    return fresh_amqplexd(upstream=relay.url, env={"AMQP_UPSTREAM_HEARTBEAT": "1"})
+
+
+def test_severed_upstream_closes_every_client_with_320_within_a_second(through_relay, relay):
+    clients = [client_with_channel(through_relay.port) for _ in range(5)]
+    relay.sever()
+    severed = time.monotonic()
+    for client in clients:
+        close = client.expect_connection_close(timeout=2)
+        assert close.reply_code == 320
+        assert "CONNECTION_FORCED" in close.reply_text
+        assert time.monotonic() - severed < 1.0
+        assert client.read_eof(timeout=2)
+        client.close()
+    # The pool redials by itself: new clients are served without a restart.
+    wait_until(lambda: can_connect(through_relay.port), timeout=10)
+
+
+def test_confirmed_messages_survive_a_severed_upstream(through_relay, relay, queue_name):
+    connection = pika.BlockingConnection(proxy_params(through_relay.port))
+    channel = connection.channel()
+    channel.queue_declare(queue_name)
+    channel.confirm_delivery()
+    confirmed: list[bytes] = []
+    severer = threading.Timer(0.5, relay.sever)
+    severer.start()
+    with pytest.raises(pika.exceptions.AMQPError):
+        for _ in range(100000):
+            body = uuid.uuid4().bytes
+            channel.basic_publish("", queue_name, body)
+            confirmed.append(body)  # basic_publish returned: the broker acked it
+    severer.join()
+    assert confirmed, "nothing was published before the sever"
+    arrived = set(drain_queue(queue_name))
+    assert set(confirmed) <= arrived
+
+
+def test_unacked_deliveries_return_to_their_queue_when_the_upstream_is_severed(
+    through_relay, relay, queue_name
+):
+    setup = pika.BlockingConnection(broker_params())
+    setup.channel().queue_declare(queue_name)
+    for i in range(10):
+        setup.channel().basic_publish("", queue_name, str(i).encode())
+    setup.close()
+    consumer = client_with_channel(through_relay.port)
+    consumer.method(1, commands.Basic.Qos(prefetch_count=10))
+    consumer.expect(commands.Basic.QosOk)
+    consumer.method(1, commands.Basic.Consume(queue=queue_name))
+    consumer.expect(commands.Basic.ConsumeOk)
+    consumer.expect(commands.Basic.Deliver)
+    relay.sever()
+    assert consumer.expect_connection_close().reply_code == 320
+    consumer.close()
+    assert sorted(drain_queue(queue_name)) == sorted(str(i).encode() for i in range(10))
+
+
+def test_a_stalled_upstream_is_found_by_heartbeats_and_its_clients_closed(through_relay, relay):
+    client = client_with_channel(through_relay.port)
+    relay.stall()
+    stalled = time.monotonic()
+    close = client.expect_connection_close(timeout=6)
+    assert close.reply_code == 320
+    assert "heartbeat" in close.reply_text
+    # Two missed 1 s intervals, checked every half interval.
+    assert 1.5 < time.monotonic() - stalled < 4
+    client.close()
+    relay.resume()
+
+
+def test_while_the_broker_is_away_new_clients_are_refused_then_served_when_it_returns(
+    through_relay, relay
+):
+    assert can_connect(through_relay.port)
+    relay.refuse()
+    relay.sever()
+    for _ in range(3):
+        started = time.monotonic()
+        with RawClient(through_relay.port) as client:
+            _, answer = client.handshake()
+        assert isinstance(answer, commands.Connection.Close)
+        assert answer.reply_code == 320
+        assert "upstream unavailable" in answer.reply_text
+        assert time.monotonic() - started < 3
+    relay.refuse(False)
+    wait_until(lambda: can_connect(through_relay.port), timeout=20)
+
+
+def test_a_dial_that_hangs_is_bounded(fresh_amqplexd, relay, user):
+    daemon = fresh_amqplexd(upstream=relay.url, env={"AMQP_UPSTREAM_CONNECT_TIMEOUT": "1"})
+    relay.stall()
+    started = time.monotonic()
+    with RawClient(daemon.port) as client:
+        _, answer = client.handshake(user.name, user.password)
+    assert isinstance(answer, commands.Connection.Close)
+    assert answer.reply_code == 320
+    assert 0.8 < time.monotonic() - started < 4
+    relay.resume()
