@@ -2,9 +2,9 @@
 
 It forwards bytes both ways, records them per connection (so a test can read
 the proxy's upstream AMQP stream frame by frame) and injects faults: sever
-every connection, stall a direction, add latency per chunk. It runs its own
-asyncio loop in a background thread, so synchronous pytest tests drive it
-with plain method calls.
+every connection, stall a direction, add latency per chunk, refuse new
+connections. It runs its own asyncio loop in a background thread, so
+synchronous pytest tests drive it with plain method calls.
 
 Directions are named from the proxy's side: UP is proxy -> broker, DOWN is
 broker -> proxy. Every chunk read is stamped with a relay-wide sequence
@@ -61,6 +61,8 @@ class RelayConnection:
         self.number = number
         self.chunks: dict[str, list[Chunk]] = {UP: [], DOWN: []}
         self.closed = False
+        # Reset at once because the relay was refusing (see Relay.refuse).
+        self.refused = False
         self._transports: list[asyncio.BaseTransport] = []
 
     def __repr__(self) -> str:
@@ -129,7 +131,7 @@ class Relay:
 
     @property
     def connection_count(self) -> int:
-        """Connections accepted since start."""
+        """Connections accepted since start (refused ones included)."""
         return len(self.connections)
 
     @property
@@ -247,12 +249,13 @@ class Relay:
     # -- forwarding ---------------------------------------------------------------
 
     async def _accept(self, client_reader, client_writer) -> None:
-        if self.refusing:
-            client_writer.transport.abort()
-            return
         conn = RelayConnection(self, len(self.connections))
         self.connections.append(conn)
         conn._transports.append(client_writer.transport)
+        if self.refusing:
+            conn.refused = conn.closed = True
+            client_writer.transport.abort()
+            return
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
