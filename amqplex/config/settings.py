@@ -84,6 +84,12 @@ class PoolConfig:
         minimum=0,
         maximum=1000,
     )
+    max_idle_channels: int = setting(
+        64,
+        "most channels a pool keeps open for reuse when clients give them back",
+        minimum=0,
+        maximum=65535,
+    )
     acquire_timeout: float = setting(
         5.0,
         "how long (s) a client's Channel.Open may wait for an upstream channel when "

@@ -32,9 +32,7 @@ def check_header(frame: bytes) -> int:
     """The body size a Basic content header announces, once its class,
     weight and property list are known to be what RabbitMQ accepts."""
     if len(frame) < FRAME_HEADER_SIZE + _HEADER.size + 1:
-        raise ConnectionException(
-            ReplyCode.FRAME_ERROR, "type 2, all octets = <<>>: unknown_frame"
-        )
+        raise ConnectionException(ReplyCode.FRAME_ERROR, "type 2, all octets = <<>>: unknown_frame")
     class_id, weight, body_size, flags = _HEADER.unpack_from(frame, FRAME_HEADER_SIZE)
     if class_id != BASIC_CLASS_ID:
         raise ConnectionException(

@@ -31,9 +31,7 @@ def decode(frame_bytes: bytes) -> Method:
     try:
         consumed = _unmarshal(method, arguments)
     except UnicodeDecodeError:
-        raise ConnectionException(
-            ReplyCode.FRAME_ERROR, "Malformed UTF-8 in shortstr"
-        ) from None
+        raise ConnectionException(ReplyCode.FRAME_ERROR, "Malformed UTF-8 in shortstr") from None
     except Exception:  # pamqp's decoders raise struct.error, ValueError, IndexError
         consumed = -1
     if consumed != len(arguments):

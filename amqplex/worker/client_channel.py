@@ -32,7 +32,7 @@ from amqplex.protocol.framing import (
     rewrite_channel,
     split_body,
 )
-from amqplex.worker.rules import check_client_method, check_publish
+from amqplex.worker.rules import STATELESS_METHODS, check_client_method, check_publish
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.session import ClientSession
@@ -48,6 +48,7 @@ _QUEUE_DECLARE_OK = commands.Queue.DeclareOk.index
 _QUEUE_DELETE = commands.Queue.Delete.index
 _BASIC_CANCEL = commands.Basic.Cancel.index
 _BASIC_CONSUME = commands.Basic.Consume.index
+_BASIC_GET = commands.Basic.Get.index
 _BASIC_CONSUME_OK = commands.Basic.ConsumeOk.index
 _TX_COMMIT = commands.Tx.Commit.index
 _TX_COMMIT_OK = commands.Tx.CommitOk.index
@@ -88,6 +89,7 @@ class ClientChannel:
         "closed_by_proxy",
         "consumer_tags",
         "committing",
+        "stateful",
     )
 
     def __init__(self, session: ClientSession, cid: int) -> None:
@@ -114,6 +116,10 @@ class ClientChannel:
         # Tx.Commit sent, CommitOk not yet back: the broker takes nothing but
         # Channel.Close meanwhile, and anything else is a connection error.
         self.committing = False
+        # The client did something that changes channel state (consume, qos,
+        # confirm, tx, flow, unacked gets, mandatory publishes): its upstream
+        # channel is closed after it, never handed to another client.
+        self.stateful = False
 
     # -- binding to an upstream channel ---------------------------------------
 
@@ -151,7 +157,8 @@ class ClientChannel:
                 raise _unexpected_frame(self.expect)
             index = method_index(frame)
             if index == _PUBLISH:
-                check_publish(frame)
+                if check_publish(frame):
+                    self.stateful = True  # its Basic.Return may still come
                 self.content.append(frame)
                 self.expect = _EXPECT_HEADER
                 return
@@ -197,6 +204,8 @@ class ClientChannel:
                 "unexpected command while processing 'tx.commit'",
                 *methods.ids(type(method)),
             )
+        if index not in STATELESS_METHODS or (index == _BASIC_GET and not method.no_ack):
+            self.stateful = True
         if index == _BASIC_CONSUME:
             self._track_consumer(method)
         elif index == _BASIC_CANCEL:
@@ -278,7 +287,17 @@ class ClientChannel:
             self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
+        if self._reusable(slot):
+            # Nothing to undo at the broker: answer at once, keep the channel.
+            self.slot = None
+            slot.recycle()
+            self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
+            self.session.channel_finished(self)
+            return
         slot.client_close(rewrite_channel(frame, slot.uid_bytes))
+
+    def _reusable(self, slot: UpstreamChannel) -> bool:
+        return not self.stateful and not self.answer_open and slot.healthy
 
     def _close_ok_from_client(self) -> None:
         if self.closed_by_proxy:
@@ -342,8 +361,14 @@ class ClientChannel:
     # -- the client went away ---------------------------------------------------
 
     def release(self) -> None:
+        """The client left: its channel is recycled if it can be, else closed
+        (which gives its unacked messages back to their queues)."""
         slot, self.slot = self.slot, None
-        if slot is not None:
+        if slot is None:
+            return
+        if self._reusable(slot):
+            slot.recycle()
+        else:
             slot.close()
 
 

@@ -176,9 +176,7 @@ class Pool:
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
         self.idle = collections.deque(s for s in self.idle if s.upstream is not upstream)
-        self.idle_opening = sum(
-            1 for u in self.upstreams for s in u.slots.values() if s.opening and not s.client
-        )
+        self.idle_opening = sum(1 for u in self.upstreams for s in u.slots.values() if s.for_idle)
         for name, owner_upstream in list(self._owned_on.items()):
             if owner_upstream is upstream:
                 self.disown(name, self.owners.get(name))
@@ -259,11 +257,23 @@ class Pool:
             upstream = self._room(None)
             if upstream is None or self.waiting:
                 return
-            upstream.open_channel()
+            upstream.open_channel().for_idle = True
             self.idle_opening += 1
 
     def add_idle(self, slot: UpstreamChannel) -> None:
-        self.idle_opening = max(0, self.idle_opening - 1)
+        """A channel the pool opened to be idle is open."""
+        if slot.for_idle:
+            slot.for_idle = False
+            self.idle_opening = max(0, self.idle_opening - 1)
+        self.return_idle(slot)
+
+    def return_idle(self, slot: UpstreamChannel) -> None:
+        """An open channel nobody uses: keep it ready, unless enough are."""
+        if slot.upstream.closed:
+            return
+        if len(self.idle) >= self.config.pool.max_idle_channels:
+            slot.close()
+            return
         self.idle.append(slot)
 
     def forget_idle(self, slot: UpstreamChannel) -> None:

@@ -40,6 +40,24 @@ CLIENT_METHODS = frozenset(
         commands.Confirm.Select,
     )
 )
+# Methods after which a channel is as it was opened: its client may leave it
+# for the next one (with Basic.Get only when no_ack, and Publish only when
+# not mandatory: see client_channel).
+STATELESS_METHODS = frozenset(
+    m.index
+    for m in (
+        commands.Exchange.Declare,
+        commands.Exchange.Delete,
+        commands.Exchange.Bind,
+        commands.Exchange.Unbind,
+        commands.Queue.Declare,
+        commands.Queue.Bind,
+        commands.Queue.Purge,
+        commands.Queue.Delete,
+        commands.Queue.Unbind,
+        commands.Basic.Get,
+    )
+)
 # RabbitMQ's built-in exchange types; a plugin's types are added by config.
 EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
 
@@ -48,23 +66,23 @@ _RECOVER = (commands.Basic.Recover, commands.Basic.RecoverAsync)
 _PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
 
 
-def check_publish(frame: bytes) -> None:
-    """Basic.Publish without decoding it: two short strings, then the bits."""
+def check_publish(frame: bytes) -> bool:
+    """Basic.Publish without decoding it (two short strings, then the bits);
+    returns whether it is mandatory."""
     pos = _PUBLISH_ARGS
     try:
         pos += 1 + frame[pos]  # exchange
         pos += 1 + frame[pos]  # routing key
         bits = frame[pos]
     except IndexError:
+        bits = -1
+    if bits < 0 or pos + 2 != len(frame):
         raise ConnectionException(
-            ReplyCode.SYNTAX_ERROR, "cannot decode Basic.Publish", *_PUBLISH_IDS
-        ) from None
-    if pos + 2 != len(frame):
-        raise ConnectionException(
-            ReplyCode.SYNTAX_ERROR, "cannot decode Basic.Publish", *_PUBLISH_IDS
+            ReplyCode.FRAME_ERROR, "cannot decode Basic.Publish arguments", *_PUBLISH_IDS
         )
     if bits & 0b10:
         raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "immediate=true", *_PUBLISH_IDS)
+    return bool(bits & 0b01)
 
 
 def check_client_method(

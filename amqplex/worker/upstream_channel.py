@@ -4,6 +4,11 @@ Its life: opened (OPENING until the broker's OpenOk), then idle in the pool
 or carrying one client channel, then closed by either side. The id goes back
 to the upstream only when both directions of the close are done, so a late
 frame for the old channel can never reach a new one (DESIGN rule 4).
+
+A channel whose client changed nothing about it (only published, declared,
+bound, or got without ack) is recycled instead of closed: a background
+round trip (Basic.Recover) proves no asynchronous error of that client's is
+still on its way, and only then does the channel go back to the idle set.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import typing
 
 from pamqp import commands
 
+from amqplex.protocol import methods
 from amqplex.protocol.constants import FRAME_METHOD
-from amqplex.protocol.framing import channel_bytes, method_index
+from amqplex.protocol.framing import channel_bytes, method_index, rewrite_channel
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.client_channel import ClientChannel
@@ -22,6 +28,8 @@ if typing.TYPE_CHECKING:
 _OPEN_OK = commands.Channel.OpenOk.index
 _CLOSE = commands.Channel.Close.index
 _CLOSE_OK = commands.Channel.CloseOk.index
+_RECOVER_OK = commands.Basic.RecoverOk.index
+_PROBE = methods.encode(0, commands.Basic.Recover(requeue=True))
 
 
 class UpstreamChannel:
@@ -34,6 +42,8 @@ class UpstreamChannel:
         "awaiting_close_ok",
         "owes_close_ok",
         "closing",
+        "probing",
+        "for_idle",
     )
 
     def __init__(self, upstream: Upstream, uid: int) -> None:
@@ -48,6 +58,10 @@ class UpstreamChannel:
         self.owes_close_ok = False
         # A close has begun in either direction: never idle again.
         self.closing = False
+        # Recycled: waiting for the probe's RecoverOk before going idle.
+        self.probing = False
+        # Opened by the pool to be idle (counted in pool.idle_opening).
+        self.for_idle = False
 
     def write(self, frame: bytes) -> None:
         self.upstream.writer.write(frame)
@@ -64,13 +78,17 @@ class UpstreamChannel:
             if index == _CLOSE_OK:
                 self._close_ok(frame)
                 return
+            if index == _RECOVER_OK and self.probing:
+                self.probing = False
+                self.upstream.pool.return_idle(self)
+                return
         client = self.client
         if client is not None:
             client.from_broker(frame_type, frame)
 
     def _opened(self) -> None:
         self.opening = False
-        if self.closing:
+        if self.closing or self.probing:
             return
         if self.client is None:
             self.upstream.pool.add_idle(self)
@@ -79,6 +97,7 @@ class UpstreamChannel:
 
     def _closed_by_broker(self, frame: bytes) -> None:
         self.closing = True
+        self.probing = False
         self.owes_close_ok = True
         if self.client is not None:
             # The client answers with CloseOk (client_close_ok), as it would
@@ -108,6 +127,18 @@ class UpstreamChannel:
             self.owes_close_ok = False
             self.upstream.write_close_ok(self)
         self._release_if_done()
+
+    @property
+    def healthy(self) -> bool:
+        """Open (or opening) with no close under way in either direction."""
+        return not (self.closing or self.owes_close_ok or self.awaiting_close_ok)
+
+    def recycle(self) -> None:
+        """Its client is done and changed no channel state: probe it, and
+        make it idle once the probe comes back clean."""
+        self.client = None
+        self.probing = True
+        self.write(rewrite_channel(_PROBE, self.uid_bytes))
 
     def close(self) -> None:
         """Close with no client attached: the client left, or it was a

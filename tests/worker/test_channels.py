@@ -265,7 +265,7 @@ def test_upstream_channel_id_is_never_reopened_before_its_close_completes(
     for conn in upstreams:
         lives, violations = replay_channels(conn)
         assert violations == []
-        assert max(lives) <= 5, f"channel ids above pool.max_channels: {sorted(lives)}"
+        assert max(lives, default=0) <= 5, f"channel ids above pool.max_channels: {sorted(lives)}"
         opens += sum(life.opens for life in lives.values())
         reused += sum(1 for life in lives.values() if life.opens > 1)
         broker_closes += sum(life.broker_closes for life in lives.values())
@@ -441,7 +441,74 @@ def test_channel_open_is_answered_from_a_pre_opened_channel(fresh_amqplexd, rela
         assert opened[-1].seq <= mark and answered[-1].seq <= mark
 
 
-@pytest.mark.parametrize("leave", ["connection-close", "vanish"])
+def test_a_channel_its_client_left_clean_is_closed_at_once_and_reused(
+    fresh_amqplexd, relay, user, queue_name
+):
+    daemon = fresh_amqplexd(upstream=relay.url)
+    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    wait_pool_warm(relay)
+    relay.delay(0.2)  # each way: a broker round trip now costs 400 ms
+    with RawClient(daemon.port) as a:
+        a.handshake(user.name, user.password)
+        a.open_channel(1)
+        a.publish(1, b"from a", routing_key=queue_name)
+        started = time.monotonic()
+        a.method(1, commands.Channel.Close(**close_method()))
+        a.expect(commands.Channel.CloseOk)
+        assert time.monotonic() - started < 0.1, "the close waited for the broker"
+    ((conn, first),) = wait_until(
+        lambda: upstream_frames(relay, publish_to(queue_name)), what="A's publish upstream"
+    )
+    # The probe's round trip comes back clean: the channel is idle again.
+    wait_until(
+        lambda: any(
+            f.channel == first.channel and isinstance(f.method, commands.Basic.RecoverOk)
+            for f in conn.frames(DOWN)
+        ),
+        what="the probe's RecoverOk",
+    )
+    relay.delay(0)
+    with RawClient(daemon.port) as b:
+        b.handshake(user.name, user.password)
+        channels = range(1, 9)  # more than the idle set: A's channel is among them
+        for channel in channels:
+            b.open_channel(channel)
+            b.publish(channel, b"from b", routing_key=queue_name)
+        wait_until(
+            lambda: len(upstream_frames(relay, publish_to(queue_name))) == 1 + len(channels),
+            what="B's publishes upstream",
+        )
+    reused = [p for _, p in upstream_frames(relay, publish_to(queue_name)) if p.seq > first.seq]
+    assert first.channel in {p.channel for p in reused}
+    closes = [
+        f
+        for f in conn.frames(UP)
+        if f.channel == first.channel and isinstance(f.method, commands.Channel.Close)
+    ]
+    assert closes == [], "A's channel was closed upstream instead of reused"
+    assert ready_count(queue_name) == 1 + len(channels)
+
+
+def test_a_channel_with_state_is_closed_at_the_broker(fresh_amqplexd, relay, user):
+    daemon = fresh_amqplexd(upstream=relay.url)
+    pika.BlockingConnection(proxy_params(daemon.port, user)).close()
+    wait_pool_warm(relay)
+    relay.delay(0.2)
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Confirm.Select())
+        client.expect(commands.Confirm.SelectOk)
+        started = time.monotonic()
+        client.method(1, commands.Channel.Close(**close_method()))
+        client.expect(commands.Channel.CloseOk)
+        # The broker's own CloseOk: a full round trip through the delay.
+        assert time.monotonic() - started >= 0.4
+
+
+@pytest.mark.parametrize("leave", ["channel-close", "connection-close", "vanish"])
 def test_next_client_never_sees_a_departed_clients_404(
     fresh_amqplexd, relay, user, canary_for, leave
 ):
@@ -461,7 +528,10 @@ def test_next_client_never_sees_a_departed_clients_404(
                 a.handshake(user.name, user.password)
                 a.open_channel(1)  # answered from the idle set, no broker needed
                 a.publish(1, b"to nowhere", exchange=exchange)
-                if leave == "connection-close":
+                if leave == "channel-close":
+                    a.method(1, commands.Channel.Close(**close_method()))
+                    a.expect(commands.Channel.CloseOk)
+                if leave in ("channel-close", "connection-close"):
                     a.method(0, commands.Connection.Close(**close_method()))
                     a.expect(commands.Connection.CloseOk)
         b.handshake(user.name, user.password)
