@@ -70,32 +70,37 @@ class Pool:
 
     # -- dialling ------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Make sure an upstream is open: join the dial under way or start one.
-        While the pool waits to redial a broker that went away, fail fast
-        instead of hammering it (UpstreamUnavailable)."""
+    async def connect(self, login: Upstream | None = None) -> None:
+        """Make sure an upstream is open: join the dial under way or start one
+        (opening the vhost on `login`, a connection a client's StartOk
+        already logged in, when there is one). While the pool waits to redial
+        a broker that went away, fail fast instead of hammering it."""
+        busy = self.upstreams or self._dial is not None or self._reconnect is not None
+        if busy and login is not None:
+            login.discard_login()
         if self.upstreams:
             return
         if self._dial is None:
             if self._reconnect is not None:
                 raise UpstreamUnavailable(self.unavailable)
-            self._start_dial()
+            self._start_dial(login)
         await asyncio.shield(self._dial)
 
-    def _start_dial(self) -> None:
+    def _start_dial(self, login: Upstream | None = None) -> None:
         if self._dial is None:
-            self._dial = self.worker.spawn(self._dial_once())
+            self._dial = self.worker.spawn(self._dial_once(login))
 
-    async def _dial_once(self) -> Upstream:
+    async def _dial_once(self, login: Upstream | None) -> Upstream:
         started = time.monotonic()
+        config = self.config.upstream
         try:
-            upstream = await Upstream.open(
-                self,
-                self.config.upstream,
-                self.credentials,
-                self.vhost,
-                self.config.pool.max_channels,
-            )
+            if login is None:
+                upstream = await Upstream.open(
+                    self, config, self.credentials, self.vhost, self.config.pool.max_channels
+                )
+            else:
+                await login.open_vhost(self, self.vhost, config.connect_timeout)
+                upstream = login
         except BaseException as error:
             if not isinstance(error, UpstreamRefused):
                 metrics.UPSTREAM_LAST_DIAL_FAILURE.set(time.time())
@@ -360,6 +365,9 @@ class Pools:
         self._pools: dict[PoolKey, Pool] = {}
         # Pools whose first dial is under way: not trusted until it succeeds.
         self._candidates: dict[PoolKey, Pool] = {}
+        # Logins under way, so a burst of new clients with the same new
+        # credentials costs the broker one connection, not one each.
+        self._logins: dict[Credentials, asyncio.Task] = {}
 
     def __iter__(self) -> typing.Iterator[Pool]:
         return iter(list(self._pools.values()))
@@ -367,16 +375,40 @@ class Pools:
     def __len__(self) -> int:
         return len(self._pools)
 
-    async def get(self, credentials: Credentials, vhost: str) -> Pool:
-        """The pool for exactly these credentials, dialling (and so having the
-        broker verify them) if no upstream of theirs is open. A refusal leaves
-        nothing behind."""
+    async def login(self, credentials: Credentials) -> Upstream | None:
+        """Have the broker check a password, as it does after StartOk: None
+        when a pool already holds a connection logged in with exactly these
+        credentials (or another client's login for them just succeeded),
+        else a new logged-in connection, not yet open on a vhost, for the
+        caller to hand to get(). UpstreamRefused if the broker says no."""
+        if any(key[0] == credentials and pool.upstreams for key, pool in self._pools.items()):
+            return None
+        pending = self._logins.get(credentials)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return None
+        config = self.worker.config
+        pending = self.worker.spawn(
+            Upstream.login(config.upstream, credentials, config.pool.max_channels)
+        )
+        self._logins[credentials] = pending
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            del self._logins[credentials]
+
+    async def get(
+        self, credentials: Credentials, vhost: str, login: Upstream | None = None
+    ) -> Pool:
+        """The pool for exactly these credentials and vhost, opening one (and
+        so having the broker check the vhost) if none of theirs is open. A
+        refusal leaves nothing behind."""
         key = (credentials, vhost)
         pool = self._pools.get(key) or self._candidates.get(key)
         if pool is None:
             pool = self._candidates[key] = Pool(self.worker, credentials, vhost)
         try:
-            await pool.connect()
+            await pool.connect(login)
         except UpstreamRefused:
             self._remove(key, pool)
             raise

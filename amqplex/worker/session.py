@@ -52,6 +52,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class State(enum.Enum):
     HEADER = "awaiting protocol header"
     START_OK = "awaiting Connection.StartOk"
+    LOGIN = "logging in with the broker"
     TUNE_OK = "awaiting Connection.TuneOk"
     OPEN = "awaiting Connection.Open"
     VERIFYING = "verifying credentials with the broker"
@@ -81,6 +82,8 @@ class ClientSession(asyncio.Protocol):
         # The upstream this client's channels go to when it has room, so an
         # exclusive queue stays usable on all of the client's channels.
         self.home: Upstream | None = None
+        # A connection logged in for this client at StartOk, to open its vhost on.
+        self._logged_in: Upstream | None = None
         self._header = b""
         self.peer = ""
         self.started = self.loop.time()
@@ -207,7 +210,28 @@ class ClientSession(asyncio.Protocol):
         capabilities = method.client_properties.get("capabilities") or {}
         self.cancel_notify = bool(capabilities.get("consumer_cancel_notify"))
         self.blocked_notify = bool(capabilities.get("connection.blocked"))
+        self.state = State.LOGIN
+        self.pause_reading()
+        self.worker.spawn(self._login())
+
+    async def _login(self) -> None:
+        """The broker checks the password before the client is tuned, as it
+        does itself, so a wrong one is refused where clients expect it."""
+        try:
+            login = await self.worker.pools.login(self.credentials)
+        except UpstreamRefused as refusal:
+            self._refused(refusal)
+            return
+        except (OSError, TimeoutError) as error:
+            self._unavailable(error)
+            return
+        if self.state is not State.LOGIN:
+            if login is not None:
+                login.discard_login()
+            return
+        self._logged_in = login
         self.state = State.TUNE_OK
+        self.resume_reading()
         self.write(
             methods.encode(
                 0,
@@ -261,19 +285,14 @@ class ClientSession(asyncio.Protocol):
 
     async def _verify(self) -> None:
         """Credentials are checked by the broker before OpenOk (DESIGN rule 2)."""
+        login, self._logged_in = self._logged_in, None
         try:
-            pool = await self.worker.pools.get(self.credentials, self.vhost)
+            pool = await self.worker.pools.get(self.credentials, self.vhost, login)
         except UpstreamRefused as refusal:
-            self.worker.stats.authentication_failures += 1
-            self._send_close(refusal.code, refusal.text, 10, 40)
+            self._refused(refusal)
             return
         except (OSError, TimeoutError, UpstreamUnavailable) as error:
-            reason = str(error) or type(error).__name__
-            log.warning("upstream unavailable for a client: %s", reason)
-            self._send_close(
-                ReplyCode.CONNECTION_FORCED,
-                f"CONNECTION_FORCED - upstream unavailable: {reason}",
-            )
+            self._unavailable(error)
             return
         if self.state is not State.VERIFYING:
             return
@@ -286,6 +305,18 @@ class ClientSession(asyncio.Protocol):
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
         self.resume_reading()
+
+    def _refused(self, refusal: UpstreamRefused) -> None:
+        """The broker's own refusal (403 at login, 530 at Open), word for word."""
+        self.worker.stats.authentication_failures += 1
+        self._send_close(refusal.code, refusal.text, refusal.class_id, refusal.method_id)
+
+    def _unavailable(self, error: BaseException) -> None:
+        reason = str(error) or type(error).__name__
+        log.warning("upstream unavailable for a client: %s", reason)
+        self._send_close(
+            ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream unavailable: {reason}"
+        )
 
     def _handshake_timeout(self) -> None:
         if self.state in (State.CLOSING, State.CLOSED):
@@ -496,6 +527,9 @@ class ClientSession(asyncio.Protocol):
     def _end(self) -> None:
         self._log_end()
         self.state = State.CLOSED
+        if self._logged_in is not None:
+            self._logged_in.discard_login()
+            self._logged_in = None
         if self._timer is not None:
             self._timer.cancel()
         self._release_channels()

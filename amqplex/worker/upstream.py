@@ -60,12 +60,15 @@ _CHANNEL_CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
 
 
 class UpstreamRefused(Exception):
-    """The broker would not open a connection; the client gets this Close."""
+    """The broker would not log in or open the vhost; the client gets this
+    Close, as the broker wrote it."""
 
-    def __init__(self, code: int, text: str) -> None:
+    def __init__(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
+        self.class_id = class_id
+        self.method_id = method_id
 
 
 class Upstream(asyncio.Protocol):
@@ -96,6 +99,11 @@ class Upstream(asyncio.Protocol):
         self._stalled_sessions: set = set()
 
     # -- dialling -------------------------------------------------------
+    #
+    # Two steps, as a client's own handshake has them: log in (the broker
+    # checks the password after StartOk), then open a vhost (it checks the
+    # user's permission at Open). The proxy answers a client's StartOk only
+    # after the first step, and its Open only after the second.
 
     @classmethod
     async def open(
@@ -106,25 +114,33 @@ class Upstream(asyncio.Protocol):
         vhost: str,
         max_channels: int,
     ) -> Upstream:
-        """Dial, authenticate and open `vhost`; UpstreamRefused if the
-        broker says no, OSError or TimeoutError if it cannot be reached."""
+        """Dial, log in and open `vhost`; UpstreamRefused if the broker says
+        no, OSError or TimeoutError if it cannot be reached."""
+        upstream = await cls.login(config, credentials, max_channels)
+        await upstream.open_vhost(pool, vhost, config.connect_timeout)
+        return upstream
+
+    @classmethod
+    async def login(
+        cls, config: UpstreamConfig, credentials: Credentials, max_channels: int
+    ) -> Upstream:
+        """Dial and authenticate, up to TuneOk: no vhost is open yet."""
         loop = asyncio.get_running_loop()
         _, upstream = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(pool, loop), config.host, config.port),
+            loop.create_connection(lambda: cls(None, loop), config.host, config.port),
             config.connect_timeout,
         )
         try:
             await asyncio.wait_for(
-                upstream._handshake(config, credentials, vhost, max_channels),
-                config.connect_timeout,
+                upstream._login(config, credentials, max_channels), config.connect_timeout
             )
         except BaseException:
             upstream.abort()
             raise
         return upstream
 
-    async def _handshake(
-        self, config: UpstreamConfig, credentials: Credentials, vhost: str, max_channels: int
+    async def _login(
+        self, config: UpstreamConfig, credentials: Credentials, max_channels: int
     ) -> None:
         self.transport.write(PROTOCOL_HEADER)
         start = await self._expect(commands.Connection.Start)
@@ -151,14 +167,32 @@ class Upstream(asyncio.Protocol):
                 heartbeat=self.heartbeat,
             )
         )
-        self._send(commands.Connection.Open(virtual_host=vhost))
-        await self._expect(commands.Connection.OpenOk)
+
+    async def open_vhost(self, pool: Pool, vhost: str, timeout: float) -> None:
+        """Open `vhost` on a logged-in connection and start serving `pool`."""
+        try:
+            self._send(commands.Connection.Open(virtual_host=vhost))
+            await asyncio.wait_for(self._expect(commands.Connection.OpenOk), timeout)
+        except BaseException:
+            self.abort()
+            raise
+        self.pool = pool
         self.splitter.frame_max = self.frame_max
         self.free_ids.extend(range(1, self.channel_max + 1))
         self.writer = BatchedWriter(self.transport, self.loop)
         self._handshake_frames = None
         if self.heartbeat:
             self._heartbeat_timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+
+    def discard_login(self) -> None:
+        """Give up a logged-in connection no vhost was opened on."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(
+                commands.Connection.Close(
+                    reply_code=200, reply_text="Goodbye", class_id=0, method_id=0
+                )
+            )
+            self.transport.close()
 
     async def _expect(self, method_class: type[methods.Method]) -> methods.Method:
         while True:
@@ -172,7 +206,9 @@ class Upstream(asyncio.Protocol):
                 return method
             if isinstance(method, commands.Connection.Close):
                 self.transport.write(methods.encode(0, commands.Connection.CloseOk()))
-                raise UpstreamRefused(method.reply_code, method.reply_text)
+                raise UpstreamRefused(
+                    method.reply_code, method.reply_text, method.class_id, method.method_id
+                )
             raise UpstreamRefused(
                 ReplyCode.INTERNAL_ERROR,
                 f"INTERNAL_ERROR - broker sent {method.name} during handshake",

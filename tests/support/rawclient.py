@@ -139,7 +139,11 @@ class RawClient:
                 locale="en_US",
             ),
         )
-        _, self.tune = self.expect(commands.Connection.Tune)
+        got = self.read_method()
+        if got is None or isinstance(got[1], commands.Connection.Close):
+            return got  # refused at login, as the broker does after StartOk
+        assert isinstance(got[1], commands.Connection.Tune), f"expected Tune, got {got[1]!r}"
+        self.tune = got[1]
         self.method(
             0,
             commands.Connection.TuneOk(
