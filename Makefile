@@ -29,3 +29,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The benchmarks: every scenario against the broker and through amqplexd -w 2
+# in the same run. `make bench BENCH_ARGS=--quick` for a smoke run,
+# BENCH_ARGS="--scenario churn" for one scenario. See bench/README.md.
+bench: $(STAMP) broker
+	$(BIN)/python -m bench $(BENCH_ARGS)

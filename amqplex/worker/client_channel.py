@@ -197,7 +197,7 @@ class ClientChannel:
         if index == _CHANNEL_OPEN:
             raise ConnectionException(ReplyCode.CHANNEL_ERROR, "second 'channel.open' seen", 20, 10)
         method = methods.decode(frame)
-        check_client_method(method)
+        check_client_method(method, self.session.worker.exchange_types)
         if self.committing:
             raise ConnectionException(
                 ReplyCode.CHANNEL_ERROR,

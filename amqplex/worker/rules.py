@@ -85,9 +85,7 @@ def check_publish(frame: bytes) -> bool:
     return bool(bits & 0b01)
 
 
-def check_client_method(
-    method: methods.Method, exchange_types: frozenset[str] = EXCHANGE_TYPES
-) -> None:
+def check_client_method(method: methods.Method, exchange_types: frozenset[str]) -> None:
     method_class = type(method)
     ids = methods.ids(method_class)
     if method_class not in CLIENT_METHODS:

@@ -14,6 +14,7 @@ from amqplex.config import Config
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker.exporter import Exporter
 from amqplex.worker.pool import Pools
+from amqplex.worker.rules import EXCHANGE_TYPES
 from amqplex.worker.session import ClientSession
 from amqplex.worker.stats import Stats
 from amqplex.worker.upstream import Upstream, fetch_server_properties
@@ -45,6 +46,8 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pools = Pools(self)
         self.stats = Stats()
+        # What clients may declare: the broker's own types and its plugins'.
+        self.exchange_types = EXCHANGE_TYPES | frozenset(config.upstream.exchange_types)
         self.sessions: set[ClientSession] = set()
         self.server_properties: dict = _FALLBACK_SERVER_PROPERTIES
         self.frame_max = _DEFAULT_FRAME_MAX

@@ -165,6 +165,9 @@ def test_blocked_and_unblocked_reach_clients_that_advertised_it(
         early.open_channel(1)
         plain.open_channel(1)
         raise_alarm()
+        # RabbitMQ blocks a connection (and says so) when it publishes under
+        # the alarm: here the upstream, when `early` publishes through it.
+        early.publish(1, b"under the alarm", routing_key=queue_name)
         assert commands.Connection.Blocked in _connection_methods(
             early, lambda seen: commands.Connection.Blocked in seen
         )

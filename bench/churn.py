@@ -1,0 +1,134 @@
+"""(a) churn and (b) churn with the broker 10 ms of round trip away:
+connect, handshake, open a channel, publish one small message, close the
+channel and the connection, over and over from several processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from bench import frames, procs
+from bench.broker import BROKER
+from bench.context import Bench, CpuMeter, gen_cpu, median, percentile
+from bench.daemon import Daemon
+from bench.relay import Relay
+from bench.report import Row, Target
+from bench.wire import Wire
+
+MESSAGE_SIZE = 64
+WARMUP_CYCLES = 3
+CYCLE_TIMEOUT = 10.0
+RTT_DELAY = 0.005  # each direction
+
+
+def cycle(addr: tuple[str, int], publish: bytes) -> None:
+    """One short-lived client's whole life, as a PHP request would live it."""
+    wire = Wire.connect(addr, CYCLE_TIMEOUT)
+    try:
+        wire.handshake()
+        wire.open_channel()
+        wire.close(before=publish)
+    finally:
+        wire.close_socket()
+
+
+def churn_worker(sync: procs.Sync, addr: tuple[str, int], queue: str, seconds: float) -> dict:
+    publish = frames.publish(queue, MESSAGE_SIZE)
+    for _ in range(WARMUP_CYCLES):  # dial pools, fill caches: not timed
+        cycle(addr, publish)
+    sync.go()
+    cpu = time.process_time()
+    times: list[float] = []
+    start = time.monotonic()
+    end = start + seconds
+    while (began := time.monotonic()) < end:
+        cycle(addr, publish)
+        times.append(time.monotonic() - began)
+    return {
+        "times": times,
+        "published": WARMUP_CYCLES + len(times),
+        "start": start,
+        "end": time.monotonic(),
+        "cpu": time.process_time() - cpu,
+    }
+
+
+@dataclasses.dataclass
+class Churn:
+    cycles: int
+    rate: float  # cycles/s
+    median_ms: float
+    p99_ms: float
+    cpu: dict[str, float]  # cores used: generators, amqplexd, broker
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def measure(
+    bench: Bench,
+    label: str,
+    addr: tuple,
+    concurrency: int,
+    seconds: float,
+    meter: CpuMeter | None = None,
+) -> Churn:
+    """`concurrency` processes churning against `addr` for `seconds`."""
+    queue = bench.admin.queue(label)
+    meter = meter or bench.meter()
+    try:
+        args = [(addr, queue, seconds)] * concurrency
+        _, results = procs.run(label, churn_worker, args, seconds + bench.profile.timeout, meter)
+        bench.admin.verify({queue: sum(r["published"] for r in results)})
+    finally:
+        bench.admin.delete(queue)
+    times = [t for r in results for t in r["times"]]
+    if not times:
+        raise procs.BenchError(f"{label}: no cycle completed")
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return Churn(
+        cycles=len(times),
+        rate=len(times) / wall,
+        median_ms=median(times) * 1000,
+        p99_ms=percentile(times, 0.99) * 1000,
+        cpu={"generators": gen_cpu(results, wall), **meter.cores},
+    )
+
+
+def _report(bench: Bench, scenario: str, runs: dict[str, Churn], rate: Target, med: Target) -> None:
+    direct, proxy = runs["direct"], runs["proxy"]
+    bench.details[scenario] = {label: run.as_dict() for label, run in runs.items()}
+    bench.add(Row(scenario, "cycles/s", "1/s", direct.rate, proxy.rate, rate))
+    bench.add(Row(scenario, "median cycle", "ms", direct.median_ms, proxy.median_ms, med))
+    bench.add(Row(scenario, "p99 cycle", "ms", direct.p99_ms, proxy.p99_ms))
+    for label, run in runs.items():
+        cores = ", ".join(
+            f"{name} {used:.2f} ({used / run.rate * 1000:.2f} ms/cycle)"
+            for name, used in run.cpu.items()
+        )
+        bench.note(f"{scenario} {label}: {run.cycles} cycles verified; cores used: {cores}")
+
+
+def run_churn(bench: Bench) -> None:
+    profile = bench.profile
+    runs = {
+        label: measure(bench, f"churn.{label}", addr, profile.churn_procs, profile.churn_seconds)
+        for label, addr in bench.targets()
+    }
+    _report(bench, "churn", runs, Target(ratio_at_least=6), Target())
+
+
+def run_rtt(bench: Bench) -> None:
+    """Both the direct clients and amqplexd's upstream go through the relay."""
+    profile = bench.profile
+    runs: dict[str, Churn] = {}
+    with Relay(BROKER, RTT_DELAY) as relay, Daemon(relay.url, bench.workers) as proxy:
+        for label, addr in (("direct", relay.addr), ("proxy", proxy.addr)):
+            meter = bench.meter(proxy, relay=[relay.pid])
+            try:
+                runs[label] = measure(
+                    bench, f"rtt.{label}", addr, profile.rtt_procs, profile.rtt_seconds, meter
+                )
+            except procs.BenchError as error:
+                raise procs.BenchError(f"{error}\namqplexd log:\n{proxy.log_tail()}") from None
+    _report(bench, "churn-10ms-rtt", runs, Target(), Target(at_most=1.5))

@@ -1,0 +1,143 @@
+"""Load generator processes: started together, released at once, each
+returning one result; everything bounded in time.
+
+A worker function is called as fn(sync, *args). It calls sync.go() once its
+setup is done (all workers then start together), and, for scenarios that
+hold clients open, sync.ready() when they are up and sync.wait_release()
+before tearing them down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+# fork: workers inherit the pre-encoded frames and start in milliseconds.
+CTX = multiprocessing.get_context("fork")
+
+
+class BenchError(Exception):
+    """A scenario failed: lost messages, refused clients, a timeout."""
+
+
+class Sync:
+    def __init__(self, parties: int, timeout: float) -> None:
+        self.timeout = timeout
+        self._go = CTX.Barrier(parties + 1)
+        self._ready = CTX.Barrier(parties + 1)
+        self._release = CTX.Event()
+
+    def go(self) -> None:
+        self._go.wait(self.timeout)
+
+    def ready(self) -> None:
+        self._ready.wait(self.timeout)
+
+    def wait_release(self) -> None:
+        if not self._release.wait(self.timeout):
+            raise BenchError("never released")
+
+    def abort(self) -> None:
+        self._go.abort()
+        self._ready.abort()
+
+
+def _child(fn: Callable, index: int, args: tuple, sync: Sync, results: Any) -> None:
+    try:
+        value = fn(sync, *args)
+    except BaseException:
+        sync.abort()
+        results.put((index, False, traceback.format_exc()))
+    else:
+        results.put((index, True, value))
+
+
+class Group:
+    """One process per entry of `args_list`, all running `fn`."""
+
+    def __init__(self, name: str, fn: Callable, args_list: list[tuple], timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.sync = Sync(len(args_list), timeout)
+        self._results = CTX.Queue()
+        self._procs = [
+            CTX.Process(target=_child, args=(fn, i, args, self.sync, self._results), daemon=True)
+            for i, args in enumerate(args_list)
+        ]
+
+    def __enter__(self) -> Group:
+        for proc in self._procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        for proc in self._procs:
+            proc.join(max(0.1, self.deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+
+    def _barrier(self, barrier: threading.Barrier) -> float:
+        try:
+            barrier.wait(max(0.1, self.deadline - time.monotonic()))
+        except threading.BrokenBarrierError:
+            self.results()  # raises the worker's error if there is one
+            raise BenchError(f"{self.name}: load generators not ready in time") from None
+        return time.monotonic()
+
+    def start(self) -> float:
+        """Wait until every worker called go(); release them; return the time."""
+        return self._barrier(self.sync._go)
+
+    def ready(self) -> float:
+        """Wait until every worker called ready(); return the time."""
+        return self._barrier(self.sync._ready)
+
+    def release(self) -> None:
+        self.sync._release.set()
+
+    def results(self) -> list[Any]:
+        """Every worker's return value, in order; raises if any failed."""
+        got: dict[int, tuple[bool, Any]] = {}
+        while len(got) < len(self._procs):
+            try:
+                index, ok, value = self._results.get(
+                    timeout=max(0.1, self.deadline - time.monotonic())
+                )
+            except queue.Empty:
+                missing = len(self._procs) - len(got)
+                raise BenchError(
+                    f"{self.name}: {missing} load generator(s) not done in {self.timeout:.0f} s"
+                ) from None
+            got[index] = (ok, value)
+            if not ok:
+                self.sync.abort()
+                raise BenchError(f"{self.name}: load generator {index} failed:\n{value}")
+        return [got[i][1] for i in range(len(self._procs))]
+
+
+class Meter(Protocol):
+    def begin(self) -> None: ...
+    def end(self) -> None: ...
+
+
+def run(
+    name: str, fn: Callable, args_list: list[tuple], timeout: float, meter: Meter | None = None
+) -> tuple[float, list[Any]]:
+    """Run workers that only need go(): (release time, results). `meter` is
+    started on release and stopped once every worker has returned."""
+    with Group(name, fn, args_list, timeout) as group:
+        started = group.start()
+        if meter is not None:
+            meter.begin()
+        results = group.results()
+        if meter is not None:
+            meter.end()
+        return started, results

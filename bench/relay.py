@@ -1,0 +1,147 @@
+"""A TCP relay that holds every chunk `delay` seconds before passing it on,
+in both directions: a broker that is 2 x delay of round trip away.
+
+It runs in its own process (asyncio, uvloop when installed) so it never
+shares a core's interpreter with the harness. Chunks leave in the order they
+came, each at its arrival time plus the delay; a stalled destination pauses
+reading on the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+
+from bench.procs import CTX, BenchError
+
+START_TIMEOUT = 10.0
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed connection; forwards what it reads to `peer`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.loop = loop
+        self.delay = delay
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.pending: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False  # this socket is done: close the peer once flushed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.pending.append((self.loop.time() + self.delay, data))
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.pending[0][0], self.flush)
+
+    def eof_received(self) -> bool:
+        return False  # close this transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        if self.timer is None:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every chunk that is due; re-arm for the next one."""
+        self.timer = None
+        peer = self.peer
+        if peer is None or peer.transport is None:  # still dialling
+            self.timer = self.loop.call_later(0.001, self.flush)
+            return
+        if peer.transport.is_closing():  # nobody left to deliver to
+            self.pending.clear()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        now = self.loop.time()
+        while self.pending and self.pending[0][0] <= now:
+            peer.transport.write(self.pending.popleft()[1])
+        if self.pending:
+            self.timer = self.loop.call_at(self.pending[0][0], self.flush)
+        elif self.ended:
+            peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport and not self.peer.transport.is_closing():
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+
+async def _dial(inbound: _Side, target: tuple[str, int]) -> None:
+    loop = inbound.loop
+    try:
+        _, outbound = await loop.create_connection(lambda: _Side(loop, inbound.delay), *target)
+    except OSError:
+        inbound.transport.close()
+        return
+    inbound.peer, outbound.peer = outbound, inbound
+
+
+def _serve(target: tuple[str, int], delay: float, report) -> None:  # noqa: ANN001
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    loop = asyncio.new_event_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def accept() -> _Side:
+        inbound = _Side(loop, delay)
+        task = loop.create_task(_dial(inbound, target))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return inbound
+
+    server = loop.run_until_complete(loop.create_server(accept, "127.0.0.1", 0, backlog=4096))
+    report.send(server.sockets[0].getsockname()[1])
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    loop.run_forever()
+
+
+class Relay:
+    """The delaying relay in front of `target`, in a child process."""
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target = target
+        self.delay = delay
+        self.port = 0
+        self._proc = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"amqp://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Relay:
+        receive, send = CTX.Pipe(duplex=False)
+        self._proc = CTX.Process(target=_serve, args=(self.target, self.delay, send), daemon=True)
+        self._proc.start()
+        if not receive.poll(START_TIMEOUT):
+            self.__exit__()
+            raise BenchError("relay did not start")
+        self.port = receive.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()

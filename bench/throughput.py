@@ -1,0 +1,177 @@
+"""(c) publish and (d) no-ack consume throughput with 256 B and 64 KB
+messages: a few raw-socket clients, one queue each."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from bench import frames, procs
+from bench.broker import BROKER
+from bench.context import Bench, CpuMeter, gen_cpu
+from bench.report import Row, Target
+from bench.wire import open_wire
+
+SOCKET_TIMEOUT = 60.0
+WRITE_SIZE = 1 << 16  # bytes handed to the kernel per send
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    label: str
+    size: int
+    target: float  # least proxy/direct ratio
+
+    def count(self, bench: Bench) -> int:
+        small = self.size <= 4096
+        return bench.profile.small_messages if small else bench.profile.large_messages
+
+
+SIZES = (Size("256 B", 256, 0.95), Size("64 KB", 65536, 0.85))
+
+
+@dataclasses.dataclass
+class Rate:
+    messages: int
+    seconds: float
+    size: int
+    cpu: dict[str, float]  # cores used: generators, amqplexd, broker
+
+    @property
+    def per_second(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.per_second * self.size / 1e6
+
+    def as_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "msg_per_s": self.per_second,
+            "MB_per_s": self.mb_per_second,
+        }
+
+
+def publish_worker(sync: procs.Sync, addr: tuple, queue: str, size: int, count: int) -> dict:
+    """Stream `count` messages, then one round trip on the same channel (a
+    passive declare: it is answered after the publishes before it)."""
+    wire = open_wire(addr, SOCKET_TIMEOUT)
+    message = frames.publish(queue, size)
+    per_write = max(1, WRITE_SIZE // len(message))
+    batch = message * per_write
+    writes, rest = divmod(count, per_write)
+    sync.go()
+    cpu = time.process_time()
+    start = time.monotonic()
+    for _ in range(writes):
+        wire.send(batch)
+    wire.send(message * rest + frames.declare_passive(queue))
+    declared = frames.message_count(wire.expect(frames.DECLARE_OK))
+    end = time.monotonic()
+    cpu = time.process_time() - cpu
+    wire.close()
+    return {"start": start, "end": end, "cpu": cpu, "declared": declared}
+
+
+def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dict:
+    """Consume with no_ack until `count` whole messages have arrived."""
+    wire = open_wire(addr, SOCKET_TIMEOUT)
+    sync.go()
+    cpu = time.process_time()
+    start = time.monotonic()
+    wire.send(frames.consume(queue))
+    got = wire.count_messages(count)
+    end = time.monotonic()
+    cpu = time.process_time() - cpu
+    wire.close()
+    return {"start": start, "end": end, "cpu": cpu, "got": got}
+
+
+def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    cpu = {"generators": gen_cpu(results, wall), **meter.cores}
+    return Rate(count * len(results), wall, size, cpu)
+
+
+def publish(
+    bench: Bench, label: str, addr: tuple, size: Size, keep: bool = False
+) -> tuple[Rate, list[str]]:
+    """Publish into fresh queues (one per publisher) and verify every message
+    landed; the queues are deleted unless `keep`."""
+    count = size.count(bench)
+    queues = [bench.admin.queue(label) for _ in range(bench.profile.publishers)]
+    try:
+        args = [(addr, queue, size.size, count) for queue in queues]
+        meter = bench.meter()
+        _, results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
+        bench.admin.verify({queue: count for queue in queues})
+        if short := [r["declared"] for r in results if r["declared"] != count]:
+            # The final round trip should see every message: if not, the
+            # window closed early and the rate is overstated.
+            bench.note(f"{label}: the closing declare saw {short}, not {count}")
+    except BaseException:
+        keep = False
+        raise
+    finally:
+        if not keep:
+            for queue in queues:
+                bench.admin.delete(queue)
+    return _rate(results, count, size.size, meter), queues
+
+
+def consume(bench: Bench, label: str, addr: tuple, size: Size) -> Rate:
+    """Fill queues directly, then drain them through `addr`; verify each
+    consumer got all of its queue and the queues are empty."""
+    count = size.count(bench)
+    _, queues = publish(bench, f"{label}.fill", BROKER, size, keep=True)
+    try:
+        args = [(addr, queue, count) for queue in queues]
+        meter = bench.meter()
+        _, results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
+        bench.admin.verify({queue: 0 for queue in queues})
+    finally:
+        for queue in queues:
+            bench.admin.delete(queue)
+    return _rate(results, count, size.size, meter)
+
+
+def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> None:
+    direct, proxy = runs["direct"], runs["proxy"]
+    bench.details.setdefault(scenario, {})[size.label] = {k: v.as_dict() for k, v in runs.items()}
+    target = Target(ratio_at_least=size.target)
+    bench.add(
+        Row(scenario, f"{size.label} msg/s", "1/s", direct.per_second, proxy.per_second, target)
+    )
+    bench.add(
+        Row(scenario, f"{size.label} MB/s", "MB/s", direct.mb_per_second, proxy.mb_per_second)
+    )
+    for label, run in runs.items():
+        cores = ", ".join(
+            f"{name} {used:.2f} ({used / run.per_second * 1e6:.1f} us/msg)"
+            for name, used in run.cpu.items()
+        )
+        bench.note(
+            f"{scenario} {size.label} {label}: {run.messages} messages verified in "
+            f"{run.seconds:.2f} s; cores used: {cores}"
+        )
+
+
+def run_publish(bench: Bench) -> None:
+    for size in SIZES:
+        runs = {}
+        for label, addr in bench.targets():
+            runs[label], _ = publish(bench, f"publish.{label}", addr, size)
+            if label == "proxy" and size.size > 4096:
+                bench.record_worker_rss()
+        _report(bench, "publish", size, runs)
+
+
+def run_consume(bench: Bench) -> None:
+    for size in SIZES:
+        runs = {}
+        for label, addr in bench.targets():
+            runs[label] = consume(bench, f"consume.{label}", addr, size)
+            if label == "proxy" and size.size > 4096:
+                bench.record_worker_rss()
+        _report(bench, "consume", size, runs)
