@@ -64,7 +64,7 @@ MESSAGES_DELIVERED = Counter(
 )
 SLOW_CLIENT_DISCONNECTS = Counter(
     "amqplex_slow_client_disconnects",
-    "Clients closed for not reading their deliveries (client.max_output_buffer)",
+    "Clients closed for not reading their deliveries (client.stall_timeout)",
 )
 WORKER_RESTARTS = Counter("amqplex_worker_restarts", "Workers that died and were replaced")
 CLIENT_HANDSHAKE_SECONDS = Histogram(

@@ -118,9 +118,16 @@ class ClientConfig:
         maximum=65535,
     )
     max_output_buffer: int = setting(
-        64 * 1024 * 1024,
-        "bytes queued for a client that does not read before it is disconnected",
+        4 * 1024 * 1024,
+        "bytes queued for a client before its upstream stops reading until the client "
+        "catches up (as TCP would slow the broker for it)",
         minimum=65536,
+    )
+    stall_timeout: float = setting(
+        2.0,
+        "how long (s) one client that does not read may hold its upstream back before it "
+        "is closed with 320 so the other clients on that upstream go on",
+        minimum=0.05,
     )
     close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)
 

@@ -84,6 +84,9 @@ class ClientSession(asyncio.Protocol):
         self.home: Upstream | None = None
         # A connection logged in for this client at StartOk, to open its vhost on.
         self._logged_in: Upstream | None = None
+        # Upstreams not reading while this client catches up, and the bound on it.
+        self._holding: set[Upstream] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._header = b""
         self.peer = ""
         self.started = self.loop.time()
@@ -130,21 +133,45 @@ class ClientSession(asyncio.Protocol):
         self._end()
 
     def pause_writing(self) -> None:
-        """The client stopped reading and its output passed the limit: cut it
-        loose rather than stall the upstream it shares (DESIGN rule 9)."""
+        """The client fell behind (client.max_output_buffer queued): the
+        upstreams carrying its channels stop reading, as TCP would slow the
+        broker for it directly, but for client.stall_timeout at most; a
+        client still behind then is cut loose, so the others on those
+        upstreams go on (DESIGN rule 9)."""
         if self.state in (State.CLOSING, State.CLOSED):
             self._abort()
             return
-        log.info("client not reading: %d bytes queued; closing it", self.writer.buffered())
+        for channel in self.channels.values():
+            if channel.slot is not None and channel.slot.upstream not in self._holding:
+                self._holding.add(channel.slot.upstream)
+                channel.slot.upstream.hold_reading(self)
+        self._stall_timer = self.loop.call_later(self.config.stall_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._release_upstreams()
+
+    def _release_upstreams(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        holding, self._holding = self._holding, set()
+        for upstream in holding:
+            upstream.release_reading(self)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        log.info(
+            "client not reading: %d bytes queued for %.1f s; closing it",
+            self.writer.buffered(),
+            self.config.stall_timeout,
+        )
         self.worker.stats.slow_client_disconnects += 1
         self._send_close(
             ReplyCode.CONNECTION_FORCED,
             "CONNECTION_FORCED - client is not reading its deliveries "
-            f"(over client.max_output_buffer = {self.config.max_output_buffer} bytes)",
+            f"(over client.max_output_buffer for client.stall_timeout = "
+            f"{self.config.stall_timeout:g} s)",
         )
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- the handshake, answered locally (DESIGN rule 1) ----------------------------
 
@@ -520,6 +547,7 @@ class ClientSession(asyncio.Protocol):
         log.log(level, "client session ended", extra={"fields": fields})
 
     def _release_channels(self) -> None:
+        self._release_upstreams()
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.release()

@@ -97,6 +97,8 @@ class Upstream(asyncio.Protocol):
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         # Client sessions paused because this connection's send buffer is full.
         self._stalled_sessions: set = set()
+        # Client sessions this connection stopped reading for (see hold_reading).
+        self._holders: set = set()
 
     # -- dialling -------------------------------------------------------
     #
@@ -265,6 +267,20 @@ class Upstream(asyncio.Protocol):
         self._stalled_sessions.add(session)
         session.pause_reading()
 
+    def hold_reading(self, session) -> None:
+        """Stop reading from the broker while `session` catches up with what
+        was already sent to it (bounded by client.stall_timeout)."""
+        self._holders.add(session)
+        if len(self._holders) == 1 and not self.closed:
+            self.transport.pause_reading()
+
+    def release_reading(self, session) -> None:
+        if session in self._holders:
+            self._holders.discard(session)
+            if not self._holders and not self.transport.is_closing():
+                self._last_read = self.loop.time()
+                self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         self.paused = True
 
@@ -315,6 +331,9 @@ class Upstream(asyncio.Protocol):
 
     def _heartbeat_tick(self) -> None:
         now = self.loop.time()
+        if self._holders:
+            # Not reading on purpose: the broker's frames wait in the socket.
+            self._last_read = now
         if now - self._last_read > 2 * self.heartbeat:
             self.lose("upstream missed two heartbeats")
             return

@@ -108,7 +108,9 @@ def test_wrong_credentials_never_grow_the_pools(fresh_amqplexd, user):
 def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
     fresh_amqplexd, user, queue_name, canary_for
 ):
-    daemon = fresh_amqplexd(env={"AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576"})
+    daemon = fresh_amqplexd(
+        env={"AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576", "AMQP_CLIENT_STALL_TIMEOUT": "1"}
+    )
     canary = canary_for(daemon.port, user)
     slow = RawClient(daemon.port)
     slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
