@@ -324,6 +324,22 @@ def test_3000_concurrent_clients_all_succeed(fresh_amqplexd, user, queue_name):
     print(f"{clients} held clients in {elapsed:.1f} s")
 
 
+def test_5000_concurrent_clients_on_one_worker_connect_publish_and_leave(
+    fresh_amqplexd, user, queue_name
+):
+    clients = 5000
+    daemon = fresh_amqplexd("-w", "1")
+    declare_queue(queue_name)
+    rows = asyncio.run(
+        held_clients(
+            daemon.port, user, queue_name, clients, lambda: upstream_stats(user.name), timeout=120
+        )
+    )
+    wait_messages(queue_name, clients, timeout=60)
+    assert len(rows) == math.ceil((clients + IDLE_CHANNELS) / 2047) == 3, rows
+    assert "ERROR" not in daemon.log_text()
+
+
 # -- authentication ---------------------------------------------------------------------
 
 
