@@ -91,7 +91,12 @@ class Worker:
                 reuse_port=True,
                 backlog=4096,
             )
-        log.info("listening on %s:%d", listen.address, listen.port)
+        log.info(
+            "listening on %s:%d (event loop: %s)",
+            listen.address,
+            listen.port,
+            type(self.loop).__module__.split(".")[0],
+        )
         self.spawn(self._sweep_forever())
         self.spawn(Exporter(self).run())
 

@@ -27,6 +27,19 @@ def wait_until(predicate, timeout: float = 15, interval: float = 0.05):
         time.sleep(interval)
 
 
+def worker_pids(master: int) -> list[int]:
+    with open(f"/proc/{master}/task/{master}/children") as handle:
+        return [int(pid) for pid in handle.read().split()]
+
+
+def resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def test_client_over_the_connection_limit_gets_a_close_it_can_read(fresh_amqplexd):
     daemon = fresh_amqplexd(env={"AMQP_POOL_MAX_CLIENT_CONNECTIONS": "2"})
     kept = [pika.BlockingConnection(proxy_params(daemon.port)) for _ in range(2)]
@@ -137,5 +150,8 @@ def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
     assert metrics["amqplex_client_errors_total{code=320}"] >= 1
     # The canary kept its round trips going on the same upstream throughout.
     canary.wait_round_trips(5, timeout=5)
+    # 32 MB went to a client that read none of it: the worker never held it.
+    for pid in worker_pids(daemon.process.pid):
+        assert resident_mb(pid) < 120, f"worker {pid} grew to {resident_mb(pid):.0f} MB"
     assert slow.read_eof(timeout=15)
     slow.close()
