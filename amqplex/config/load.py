@@ -16,6 +16,7 @@ import urllib.parse
 
 import yaml
 
+from amqplex import tls
 from amqplex.config.settings import Config, mask_password
 
 DEFAULT_PATHS = ("./amqplex.yaml", "/etc/amqplex/amqplex.yaml")
@@ -113,15 +114,21 @@ def validate(config: Config) -> None:
             allowed = ", ".join(meta["choices"])
             raise ConfigError(f"{key}: must be one of {allowed}, got {value!r}")
     url = urllib.parse.urlsplit(config.upstream.url)
-    if url.scheme != "amqp" or not url.hostname:
-        raise ConfigError(f"upstream.url: expected amqp://host[:port], got {config.upstream.url!r}")
+    if url.scheme not in ("amqp", "amqps") or not url.hostname:
+        raise ConfigError(
+            f"upstream.url: expected amqp://host[:port] or amqps://host[:port], "
+            f"got {mask_password(config.upstream.url)!r}"
+        )
     try:
         url.port  # noqa: B018 - urllib checks the port only when asked
     except ValueError:
         raise ConfigError(f"upstream.url: bad port in {config.upstream.url!r}") from None
-    for field in dataclasses.fields(config.tls):
-        if getattr(config.tls, field.name):
-            raise ConfigError(f"tls.{field.name}: TLS is not supported by this version yet")
+    try:
+        # Files read, keys matched to certificates, expiry checked: now, not
+        # when the first client comes (and on HUP, before the running config goes).
+        tls.build(config)
+    except tls.SettingError as error:
+        raise ConfigError(str(error)) from None
 
 
 def describe(config: Config) -> str:

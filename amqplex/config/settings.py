@@ -30,8 +30,8 @@ class ListenConfig:
 class UpstreamConfig:
     url: str = setting(
         "amqp://127.0.0.1:5672",
-        "the broker, amqp://host:port (user, password and vhost in it are ignored: "
-        "each client brings its own)",
+        "the broker, amqp://host[:5672] or amqps://host[:5671] for TLS (user, password "
+        "and vhost in it are ignored: each client brings its own)",
     )
     heartbeat: int = setting(
         60, "heartbeat (s) the proxy keeps with the broker; 0 for none", minimum=0, maximum=65535
@@ -51,7 +51,8 @@ class UpstreamConfig:
 
     @property
     def port(self) -> int:
-        return urllib.parse.urlsplit(self.url).port or 5672
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.port or (5671 if parts.scheme == "amqps" else 5672)
 
 
 def mask_password(url: str) -> str:
@@ -134,12 +135,34 @@ class ClientConfig:
 
 @dataclasses.dataclass(slots=True)
 class TLSConfig:
-    cert: str = setting("", "PEM certificate for the client listener (file path or base64 PEM)")
-    key: str = setting("", "PEM private key for the client listener", secret=True)
-    ca_cert: str = setting("", "CA bundle that verifies the broker's certificate")
-    client_cert: str = setting("", "certificate presented to the broker (mTLS)")
-    client_key: str = setting("", "key for client_cert", secret=True)
-    skip_verify: bool = setting(False, "do not verify the broker's certificate")
+    # Every certificate and key: a PEM file path or the PEM base64-encoded.
+    cert: str = setting(
+        "",
+        "PEM certificate (chain) of the client listener, which speaks TLS when this and key "
+        "are set (file path or base64 PEM)",
+    )
+    key: str = setting("", "PEM private key for cert (file path or base64 PEM)", secret=True)
+    client_ca_cert: str = setting(
+        "",
+        "CA bundle that verifies client certificates (see verify_client); not the one "
+        "that verifies the broker",
+    )
+    verify_client: str = setting(
+        "none",
+        "ask clients for a certificate signed by client_ca_cert: none, optional (verified "
+        "when given) or required",
+        choices=("none", "optional", "required"),
+    )
+    ca_cert: str = setting(
+        "", "CA bundle that verifies an amqps:// broker's certificate (default: the OS's)"
+    )
+    client_cert: str = setting(
+        "", "certificate presented to an amqps:// broker that asks for one (mTLS)"
+    )
+    client_key: str = setting("", "PEM private key for client_cert", secret=True)
+    skip_verify: bool = setting(
+        False, "do not verify the amqps:// broker's certificate or host name (logged at start)"
+    )
 
 
 @dataclasses.dataclass(slots=True)

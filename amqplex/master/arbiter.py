@@ -28,7 +28,7 @@ import typing
 from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
-from amqplex import metrics
+from amqplex import metrics, tls
 from amqplex.config import Config, ConfigError
 from amqplex.config.settings import mask_password
 from amqplex.master import listener
@@ -109,6 +109,7 @@ class Arbiter:
             mask_password(self.config.upstream.url),
             self.num_workers,
         )
+        tls.log_at_start(self.config)
         self.maintain_workers()
         notify(f"READY=1\nMAINPID={os.getpid()}")
 
@@ -287,6 +288,7 @@ class Arbiter:
             self.status = status
         old_workers = self.active()
         self.config = new
+        tls.log_at_start(new)
         self.num_workers = new.workers
         for worker in old_workers:
             worker.draining = True  # so maintain_workers fills every slot anew

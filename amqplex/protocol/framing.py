@@ -7,6 +7,7 @@ two channel-id bytes.
 """
 
 import struct
+import typing
 
 from amqplex.protocol.constants import (
     FRAME_BODY,
@@ -25,15 +26,21 @@ _CHANNEL = struct.Struct(">H")
 _UINT32 = struct.Struct(">I")
 _FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
 
+# Body frames bigger than this travel as memoryviews (no copy of the payload).
+LARGE_BODY = 2048
+
 Frame = tuple[int, int, bytes]
 """(frame type, channel id, the whole frame: header, payload and end octet)."""
 
 
 class FrameSplitter:
     """Cuts frames out of the bytes a peer sends, checking each frame's type,
-    size and end octet as RabbitMQ does (501 FRAME_ERROR otherwise)."""
+    size and end octet as RabbitMQ does (501 FRAME_ERROR otherwise).
 
-    __slots__ = ("frame_max", "slack", "_pending")
+    Large body frames come out as memoryviews of the bytes read, so their
+    payload is never copied on its way through the proxy (see retarget)."""
+
+    __slots__ = ("frame_max", "slack", "_pending", "_pending_size", "_wanted")
 
     def __init__(self, frame_max: int, slack: int = 0) -> None:
         self.frame_max = frame_max
@@ -41,15 +48,24 @@ class FrameSplitter:
         # up to 8 (its FRAME_SIZE_FUDGE: a payload may be frame_max long), so
         # the proxy's client side does too.
         self.slack = slack
-        self._pending = b""
+        # Reads holding an incomplete frame, joined once it is all here.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._wanted = 0
 
     def split(self, data: bytes) -> list[Frame]:
         """Return the complete frames in the stream so far, keeping the rest."""
         if self._pending:
-            data = self._pending + data
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._wanted:
+                return []
+            data = b"".join(self._pending)
+            self._pending = []
         frames: list[Frame] = []
         pos = 0
         size_left = len(data)
+        view = None
         unpack_header = _FRAME_HEADER.unpack_from
         while size_left >= FRAME_OVERHEAD:
             frame_type, channel, size = unpack_header(data, pos)
@@ -71,20 +87,51 @@ class FrameSplitter:
                     ReplyCode.FRAME_ERROR,
                     f"type {frame_type}, channel {channel}: bad frame end octet {data[end]}",
                 )
-            frames.append((frame_type, channel, data[pos : end + 1]))
+            if frame_type == FRAME_BODY and size > LARGE_BODY:
+                if view is None:
+                    view = memoryview(data)
+                frames.append((frame_type, channel, view[pos : end + 1]))
+            else:
+                frames.append((frame_type, channel, data[pos : end + 1]))
             pos = end + 1
             size_left -= size + FRAME_OVERHEAD
-        self._pending = data[pos:] if size_left else b""
+        if size_left:
+            rest = data[pos:] if pos else data
+            self._pending = [rest]
+            self._pending_size = size_left
+            self._wanted = (
+                FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
+                if size_left >= FRAME_HEADER_SIZE
+                else FRAME_OVERHEAD
+            )
         return frames
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame held back."""
-        return len(self._pending)
+        return self._pending_size if self._pending else 0
 
 
 def channel_bytes(channel: int) -> bytes:
     return _CHANNEL.pack(channel)
+
+
+def retarget(frames: typing.Iterable[bytes | memoryview], channel: bytes) -> list:
+    """Frames moved to another channel, as pieces for one writelines call: a
+    small frame is copied with its channel bytes replaced; a large body keeps
+    its payload where it was read and gets a new 7-byte header of its own."""
+    pieces = []
+    for frame in frames:
+        if type(frame) is memoryview:
+            pieces.append(body_header(frame, channel))
+            pieces.append(frame[FRAME_HEADER_SIZE:])
+        else:
+            pieces.append(frame[:1] + channel + frame[3:])
+    return pieces
+
+
+def body_header(frame: memoryview, channel: bytes) -> bytes:
+    return b"\x03" + channel + bytes(frame[3:FRAME_HEADER_SIZE])
 
 
 def rewrite_channel(frame: bytes, channel: bytes) -> bytes:

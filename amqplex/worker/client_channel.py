@@ -19,6 +19,7 @@ from amqplex.protocol.constants import (
     BASIC_CLASS_ID,
     FRAME_BODY,
     FRAME_HEADER,
+    FRAME_HEADER_SIZE,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
     ReplyCode,
@@ -26,9 +27,11 @@ from amqplex.protocol.constants import (
 from amqplex.protocol.content import check_header
 from amqplex.protocol.errors import ChannelException, ConnectionException
 from amqplex.protocol.framing import (
+    body_header,
     channel_bytes,
     method_index,
     payload_size,
+    retarget,
     rewrite_channel,
     split_body,
 )
@@ -134,7 +137,7 @@ class ClientChannel:
             self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
         if self.pending:
             uid = slot.uid_bytes
-            frames = [rewrite_channel(frame, uid) for frame in self.pending]
+            frames = retarget(self.pending, uid)
             self.pending = []
             slot.upstream.writer.write_many(frames)
         self.session.channel_bound(slot.upstream)
@@ -267,12 +270,16 @@ class ClientChannel:
         upstream = slot.upstream
         uid = slot.uid_bytes
         frame_max = upstream.frame_max
-        frames = []
-        for frame in content:
-            if len(frame) > frame_max:
-                frames.extend(split_body(frame, uid, frame_max))
-            else:
-                frames.append(rewrite_channel(frame, uid))
+        if any(len(frame) > frame_max for frame in content):
+            # A client with a bigger frame_max than the broker's: re-cut.
+            frames = []
+            for frame in content:
+                if len(frame) > frame_max:
+                    frames.extend(split_body(frame, uid, frame_max))
+                else:
+                    frames.extend(retarget((frame,), uid))
+        else:
+            frames = retarget(content, uid)
         upstream.writer.write_many(frames)
         if upstream.paused:
             upstream.stall(self.session)
@@ -326,6 +333,11 @@ class ClientChannel:
         if frame_type == FRAME_BODY:
             if len(frame) > session.frame_max:
                 session.write_many(split_body(frame, self.cid_bytes, session.frame_max))
+                return
+            if type(frame) is memoryview:
+                session.write_many(
+                    (body_header(frame, self.cid_bytes), frame[FRAME_HEADER_SIZE:]), frames=1
+                )
                 return
         elif frame_type == FRAME_METHOD:
             index = method_index(frame)

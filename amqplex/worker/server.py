@@ -10,6 +10,7 @@ import typing
 
 from setproctitle import setproctitle
 
+from amqplex import tls
 from amqplex.config import Config
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker.exporter import Exporter
@@ -48,6 +49,8 @@ class Worker:
         self.stats = Stats()
         # What clients may declare: the broker's own types and its plugins'.
         self.exchange_types = EXCHANGE_TYPES | frozenset(config.upstream.exchange_types)
+        # SSL contexts for the listener and for amqps:// upstreams (amqplex/tls.py).
+        self.tls = tls.install(config)
         self.sessions: set[ClientSession] = set()
         self.server_properties: dict = _FALLBACK_SERVER_PROPERTIES
         self.frame_max = _DEFAULT_FRAME_MAX
@@ -81,7 +84,7 @@ class Worker:
         listen = self.config.listen
         if sock is not None:
             self._server = await self.loop.create_server(
-                lambda: ClientSession(self), sock=sock, backlog=4096
+                lambda: ClientSession(self), sock=sock, backlog=4096, **self.tls.listener_args()
             )
         else:
             self._server = await self.loop.create_server(
@@ -90,6 +93,7 @@ class Worker:
                 listen.port,
                 reuse_port=True,
                 backlog=4096,
+                **self.tls.listener_args(),
             )
         log.info(
             "listening on %s:%d (event loop: %s)",

@@ -252,6 +252,10 @@ class ClientSession(asyncio.Protocol):
         except (OSError, TimeoutError) as error:
             self._unavailable(error)
             return
+        except Exception as error:  # never leave a client waiting on a bug
+            log.exception("login failed")
+            self._unavailable(error)
+            return
         if self.state is not State.LOGIN:
             if login is not None:
                 login.discard_login()
@@ -319,6 +323,10 @@ class ClientSession(asyncio.Protocol):
             self._refused(refusal)
             return
         except (OSError, TimeoutError, UpstreamUnavailable) as error:
+            self._unavailable(error)
+            return
+        except Exception as error:  # never leave a client waiting on a bug
+            log.exception("opening the vhost failed")
             self._unavailable(error)
             return
         if self.state is not State.VERIFYING:
@@ -433,13 +441,15 @@ class ClientSession(asyncio.Protocol):
         self.bytes_out += len(frame)
         self.writer.write(frame)
 
-    def write_many(self, frames: list[bytes]) -> None:
+    def write_many(self, pieces: typing.Sequence, frames: int = 0) -> None:
+        """Write `pieces` (whole frames, or a body's header and payload: then
+        `frames` says how many frames they make)."""
         stats = self.worker.stats
-        stats.frames_to_clients += len(frames)
-        size = sum(map(len, frames))
+        stats.frames_to_clients += frames or len(pieces)
+        size = sum(map(len, pieces))
         stats.bytes_to_clients += size
         self.bytes_out += size
-        self.writer.write_many(frames)
+        self.writer.write_many(pieces)
 
     def pause_reading(self) -> None:
         if self._reading and not self.transport.is_closing():

@@ -13,7 +13,7 @@ import typing
 
 from pamqp import commands
 
-from amqplex import __version__
+from amqplex import __version__, tls
 from amqplex.config import UpstreamConfig
 from amqplex.protocol import methods
 from amqplex.protocol.auth import Credentials, plain_response
@@ -129,7 +129,7 @@ class Upstream(asyncio.Protocol):
         """Dial and authenticate, up to TuneOk: no vhost is open yet."""
         loop = asyncio.get_running_loop()
         _, upstream = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(None, loop), config.host, config.port),
+            tls.create_connection(loop, lambda: cls(None, loop), config),
             config.connect_timeout,
         )
         try:
@@ -144,7 +144,7 @@ class Upstream(asyncio.Protocol):
     async def _login(
         self, config: UpstreamConfig, credentials: Credentials, max_channels: int
     ) -> None:
-        self.transport.write(PROTOCOL_HEADER)
+        self._write_handshake(PROTOCOL_HEADER)
         start = await self._expect(commands.Connection.Start)
         self.server_properties = start.server_properties
         self._send(
@@ -217,7 +217,15 @@ class Upstream(asyncio.Protocol):
             )
 
     def _send(self, method: methods.Method) -> None:
-        self.transport.write(methods.encode(0, method))
+        self._write_handshake(methods.encode(0, method))
+
+    def _write_handshake(self, data: bytes) -> None:
+        # The broker (or whatever is in between) may hang up before we speak.
+        # Then connection_lost is on its way: _expect raises with its reason
+        # (a TLS alert, say), which is not known yet here.
+        if self.transport.is_closing():
+            return
+        self.transport.write(data)
 
     # -- channels -------------------------------------------------------
 
@@ -373,11 +381,11 @@ class Upstream(asyncio.Protocol):
         self.closed = True
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        if exc is not None and self.close_reason == "upstream connection lost":
+            self.close_reason = f"upstream connection lost: {tls.describe_error(exc)}"
         if self._handshake_frames is not None:
             self._handshake_frames.put_nowait((None, 0, b""))
             return
-        if exc is not None and self.close_reason == "upstream connection lost":
-            self.close_reason = f"upstream connection lost: {exc}"
         for session in self._stalled_sessions:
             session.resume_reading()
         self._stalled_sessions.clear()
@@ -395,9 +403,7 @@ async def fetch_server_properties(config: UpstreamConfig) -> dict:
     """The broker's Connection.Start server properties, read without logging in,
     so the proxy can offer clients the broker's own (issue: pika checks
     capabilities such as publisher_confirms before it will enable them)."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(config.host, config.port), config.connect_timeout
-    )
+    reader, writer = await asyncio.wait_for(tls.open_connection(config), config.connect_timeout)
     try:
         writer.write(PROTOCOL_HEADER)
         splitter = FrameSplitter(_HANDSHAKE_FRAME_MAX)

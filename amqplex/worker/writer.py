@@ -2,6 +2,7 @@
 call to the transport (one writev), instead of a syscall per frame."""
 
 import asyncio
+import typing
 
 
 class BatchedWriter:
@@ -10,7 +11,7 @@ class BatchedWriter:
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._chunks: list[bytes] = []
+        self._chunks: list = []
         self._scheduled = False
         self.last_write = loop.time()
 
@@ -20,7 +21,7 @@ class BatchedWriter:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
-    def write_many(self, frames: list[bytes]) -> None:
+    def write_many(self, frames: typing.Iterable) -> None:
         self._chunks.extend(frames)
         if not self._scheduled:
             self._scheduled = True
