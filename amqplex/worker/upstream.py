@@ -50,6 +50,7 @@ CLIENT_PROPERTIES = {
     },
 }
 _HANDSHAKE_FRAME_MAX = 1 << 20
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 # How long a polite Connection.Close waits for the broker's CloseOk.
 CLOSE_TIMEOUT = 5.0
 _CHANNEL_OPEN = methods.encode(0, commands.Channel.Open())
@@ -302,6 +303,10 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        # Clients' reading pauses when this much waits to go to the broker.
+        # The transport's 64 KiB default would pause them at every large
+        # message, turning a stream of publishes into stop-and-go.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
