@@ -99,9 +99,11 @@ class FrameSplitter:
             rest = data[pos:] if pos else data
             self._pending = [rest]
             self._pending_size = size_left
+            # With a whole header read, the loop above has checked it: wait for
+            # the frame. Otherwise wait for enough to check the header.
             self._wanted = (
                 FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
-                if size_left >= FRAME_HEADER_SIZE
+                if size_left >= FRAME_OVERHEAD
                 else FRAME_OVERHEAD
             )
         return frames
