@@ -9,6 +9,7 @@ import time
 from bench import frames, procs
 from bench.broker import BROKER
 from bench.context import Bench, CpuMeter, gen_cpu
+from bench.relay import Relay
 from bench.report import Row, Target
 from bench.wire import open_wire
 
@@ -146,6 +147,18 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
     bench.add(
         Row(scenario, f"{size.label} MB/s", "MB/s", direct.mb_per_second, proxy.mb_per_second)
     )
+    if "relay" in runs:
+        # The same clients through a bare byte relay (one uvloop process that
+        # parses nothing): what any one-hop proxy costs on this machine.
+        bench.add(
+            Row(
+                scenario,
+                f"{size.label} msg/s via a bare relay (reference)",
+                "1/s",
+                direct.per_second,
+                runs["relay"].per_second,
+            )
+        )
     for label, run in runs.items():
         cores = ", ".join(
             f"{name} {used:.2f} ({used / run.per_second * 1e6:.1f} us/msg)"
@@ -158,20 +171,22 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
 
 
 def run_publish(bench: Bench) -> None:
-    for size in SIZES:
-        runs = {}
-        for label, addr in bench.targets():
-            runs[label], _ = publish(bench, f"publish.{label}", addr, size)
-            if label == "proxy" and size.size > 4096:
-                bench.record_worker_rss()
-        _report(bench, "publish", size, runs)
+    with Relay(BROKER, 0.0) as relay:
+        for size in SIZES:
+            runs = {}
+            for label, addr in [*bench.targets(), ("relay", relay.addr)]:
+                runs[label], _ = publish(bench, f"publish.{label}", addr, size)
+                if label == "proxy" and size.size > 4096:
+                    bench.record_worker_rss()
+            _report(bench, "publish", size, runs)
 
 
 def run_consume(bench: Bench) -> None:
-    for size in SIZES:
-        runs = {}
-        for label, addr in bench.targets():
-            runs[label] = consume(bench, f"consume.{label}", addr, size)
-            if label == "proxy" and size.size > 4096:
-                bench.record_worker_rss()
-        _report(bench, "consume", size, runs)
+    with Relay(BROKER, 0.0) as relay:
+        for size in SIZES:
+            runs = {}
+            for label, addr in [*bench.targets(), ("relay", relay.addr)]:
+                runs[label] = consume(bench, f"consume.{label}", addr, size)
+                if label == "proxy" and size.size > 4096:
+                    bench.record_worker_rss()
+            _report(bench, "consume", size, runs)
