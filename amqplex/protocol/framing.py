@@ -146,10 +146,6 @@ def method_index(frame: bytes) -> int:
     return _UINT32.unpack_from(frame, FRAME_HEADER_SIZE)[0]
 
 
-def payload_size(frame: bytes) -> int:
-    return len(frame) - FRAME_OVERHEAD
-
-
 def split_body(frame: bytes, channel: bytes, frame_max: int) -> list[bytes]:
     """Re-cut one body frame into frames no larger than the peer's frame_max."""
     payload = memoryview(frame)[FRAME_HEADER_SIZE:-1]

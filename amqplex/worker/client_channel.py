@@ -22,6 +22,7 @@ from amqplex.protocol.constants import (
     FRAME_HEADER_SIZE,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
+    FRAME_OVERHEAD,
     ReplyCode,
 )
 from amqplex.protocol.content import check_header
@@ -30,7 +31,6 @@ from amqplex.protocol.framing import (
     body_header,
     channel_bytes,
     method_index,
-    payload_size,
     retarget,
     rewrite_channel,
     split_body,
@@ -178,7 +178,7 @@ class ClientChannel:
         elif frame_type == FRAME_BODY:
             if self.expect != _EXPECT_BODY:
                 raise _unexpected_frame(self.expect)
-            self.body_left -= payload_size(frame)
+            self.body_left -= len(frame) - FRAME_OVERHEAD
             if self.body_left < 0:
                 raise ConnectionException(
                     ReplyCode.FRAME_ERROR, "content body larger than its header says"
@@ -270,7 +270,7 @@ class ClientChannel:
         upstream = slot.upstream
         uid = slot.uid_bytes
         frame_max = upstream.frame_max
-        if any(len(frame) > frame_max for frame in content):
+        if self.session.frame_max > frame_max and any(len(f) > frame_max for f in content):
             # A client with a bigger frame_max than the broker's: re-cut.
             frames = []
             for frame in content:
@@ -328,7 +328,9 @@ class ClientChannel:
 
     # -- broker to client -------------------------------------------------------
 
-    def from_broker(self, frame_type: int, frame: bytes) -> None:
+    def from_broker(self, frame_type: int, frame: bytes, index: int) -> None:
+        """A frame the broker sent on this channel (`index`: the method's, for
+        a method frame, as upstream_channel already read it)."""
         session = self.session
         if frame_type == FRAME_BODY:
             if len(frame) > session.frame_max:
@@ -340,7 +342,6 @@ class ClientChannel:
                 )
                 return
         elif frame_type == FRAME_METHOD:
-            index = method_index(frame)
             if index == _QUEUE_DECLARE_OK and self.declares:
                 if self.declares.popleft():
                     queue = methods.decode(frame).queue

@@ -365,8 +365,9 @@ class ClientSession(asyncio.Protocol):
 
     def _running(self, frames: list) -> None:
         channels = self.channels
+        running = State.RUNNING
         for frame_type, channel_id, frame in frames:
-            if self.state is not State.RUNNING:
+            if self.state is not running:
                 self._other_state(frame_type, channel_id, frame)
                 continue
             if channel_id == 0:

@@ -29,6 +29,7 @@ _OPEN_OK = commands.Channel.OpenOk.index
 _CLOSE = commands.Channel.Close.index
 _CLOSE_OK = commands.Channel.CloseOk.index
 _RECOVER_OK = commands.Basic.RecoverOk.index
+_LIFECYCLE = frozenset((_OPEN_OK, _CLOSE, _CLOSE_OK))
 _PROBE = methods.encode(0, commands.Basic.Recover(requeue=True))
 
 
@@ -67,16 +68,16 @@ class UpstreamChannel:
         self.upstream.writer.write(frame)
 
     def from_broker(self, frame_type: int, frame: bytes) -> None:
+        index = 0
         if frame_type == FRAME_METHOD:
             index = method_index(frame)
-            if index == _OPEN_OK:
-                self._opened()
-                return
-            if index == _CLOSE:
-                self._closed_by_broker(frame)
-                return
-            if index == _CLOSE_OK:
-                self._close_ok(frame)
+            if index in _LIFECYCLE:
+                if index == _OPEN_OK:
+                    self._opened()
+                elif index == _CLOSE:
+                    self._closed_by_broker(frame)
+                elif index == _CLOSE_OK:
+                    self._close_ok(frame)
                 return
             if index == _RECOVER_OK and self.probing:
                 self.probing = False
@@ -84,7 +85,7 @@ class UpstreamChannel:
                 return
         client = self.client
         if client is not None:
-            client.from_broker(frame_type, frame)
+            client.from_broker(frame_type, frame, index)
 
     def _opened(self) -> None:
         self.opening = False
