@@ -55,17 +55,34 @@ class FrameSplitter:
 
     def split(self, data: bytes) -> list[Frame]:
         """Return the complete frames in the stream so far, keeping the rest."""
-        if self._pending:
+        if not self._pending:
+            return self._cut(data)
+        self._pending_size += len(data)
+        if self._pending_size < self._wanted:
             self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size < self._wanted:
-                return []
-            data = b"".join(self._pending)
+            return []
+        if self._wanted == FRAME_OVERHEAD:  # a header was cut: rare, and small
+            self._pending.append(data)
+            joined = b"".join(self._pending)
             self._pending = []
+            return self._cut(joined)
+        # Join just the frame that was waiting; the rest of this read is cut
+        # where it lies.
+        taken = len(data) - (self._pending_size - self._wanted)
+        self._pending.append(memoryview(data)[:taken])
+        whole = b"".join(self._pending)
+        self._pending = []
+        frames = self._cut(whole)
+        if taken < len(data):
+            frames.extend(self._cut(data[taken:] if taken < 4096 else memoryview(data)[taken:]))
+        return frames
+
+    def _cut(self, data: bytes | memoryview) -> list[Frame]:
         frames: list[Frame] = []
         pos = 0
         size_left = len(data)
-        view = None
+        is_view = type(data) is memoryview
+        view = data if is_view else None
         unpack_header = _FRAME_HEADER.unpack_from
         while size_left >= FRAME_OVERHEAD:
             frame_type, channel, size = unpack_header(data, pos)
@@ -91,6 +108,8 @@ class FrameSplitter:
                 if view is None:
                     view = memoryview(data)
                 frames.append((frame_type, channel, view[pos : end + 1]))
+            elif is_view:
+                frames.append((frame_type, channel, bytes(data[pos : end + 1])))
             else:
                 frames.append((frame_type, channel, data[pos : end + 1]))
             pos = end + 1
