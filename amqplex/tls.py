@@ -10,7 +10,8 @@ to a broker that asks for them; tls.skip_verify turns verification off.
 
 Each certificate and key setting holds a PEM file path or the PEM itself
 base64-encoded, so the environment can carry it
-(AMQP_TLS_CERT="$(base64 -w0 cert.pem)"). build() checks everything when the
+(AMQP_TLS_CERT="$(base64 -w0 cert.pem)"), or the PEM text as it is (a YAML
+block). build() checks everything when the
 configuration is loaded, at start and on HUP: a missing file, a key that
 cannot be read or does not match its certificate, an expired certificate are
 each refused with a SettingError whose message starts with the setting.
@@ -255,7 +256,7 @@ def _listener_context(settings: TLSConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_identity(context, settings, "tls.cert", "tls.key", settings.cert, settings.key)
+    _load_identity(context, "tls.cert", "tls.key", settings.cert, settings.key)
     if verify != "none" and not settings.client_ca_cert:
         raise SettingError(
             "tls.verify_client",
@@ -287,7 +288,6 @@ def _upstream_context(settings: TLSConfig) -> ssl.SSLContext:
     if settings.client_cert or settings.client_key:
         _load_identity(
             context,
-            settings,
             "tls.client_cert",
             "tls.client_key",
             settings.client_cert,
@@ -303,12 +303,7 @@ def _upstream_context(settings: TLSConfig) -> ssl.SSLContext:
 
 
 def _load_identity(
-    context: ssl.SSLContext,
-    settings: TLSConfig,
-    cert_key: str,
-    key_key: str,
-    cert_value: str,
-    key_value: str,
+    context: ssl.SSLContext, cert_key: str, key_key: str, cert_value: str, key_value: str
 ) -> None:
     """A certificate (chain) and its private key into `context`; the key may
     be in the certificate's own PEM when `key_value` is empty."""
@@ -323,7 +318,7 @@ def _load_identity(
     now = datetime.datetime.now(datetime.UTC)
     for certificate in certificates:
         if certificate.not_valid_after_utc < now:
-            raise SettingError(cert_key, f"{_expired(certificate)}")
+            raise SettingError(cert_key, _expired(certificate))
     if key_value:
         key_pem, key_source = read_pem(key_key, key_value), key_key
     else:

@@ -11,20 +11,25 @@ from amqplex.protocol import methods
 from amqplex.protocol.constants import FRAME_HEADER_SIZE, ReplyCode
 from amqplex.protocol.errors import ConnectionException
 
+# Methods that declare, bind, purge or delete: they leave the channel as it
+# was opened.
+_TOPOLOGY = (
+    commands.Exchange.Declare,
+    commands.Exchange.Delete,
+    commands.Exchange.Bind,
+    commands.Exchange.Unbind,
+    commands.Queue.Declare,
+    commands.Queue.Bind,
+    commands.Queue.Purge,
+    commands.Queue.Delete,
+    commands.Queue.Unbind,
+)
 # Methods a client may send on a channel other than 0.
 CLIENT_METHODS = frozenset(
     (
+        *_TOPOLOGY,
         commands.Channel.Flow,
         commands.Channel.FlowOk,
-        commands.Exchange.Declare,
-        commands.Exchange.Delete,
-        commands.Exchange.Bind,
-        commands.Exchange.Unbind,
-        commands.Queue.Declare,
-        commands.Queue.Bind,
-        commands.Queue.Purge,
-        commands.Queue.Delete,
-        commands.Queue.Unbind,
         commands.Basic.Qos,
         commands.Basic.Consume,
         commands.Basic.Cancel,
@@ -43,21 +48,7 @@ CLIENT_METHODS = frozenset(
 # Methods after which a channel is as it was opened: its client may leave it
 # for the next one (with Basic.Get only when no_ack, and Publish only when
 # not mandatory: see client_channel).
-STATELESS_METHODS = frozenset(
-    m.index
-    for m in (
-        commands.Exchange.Declare,
-        commands.Exchange.Delete,
-        commands.Exchange.Bind,
-        commands.Exchange.Unbind,
-        commands.Queue.Declare,
-        commands.Queue.Bind,
-        commands.Queue.Purge,
-        commands.Queue.Delete,
-        commands.Queue.Unbind,
-        commands.Basic.Get,
-    )
-)
+STATELESS_METHODS = frozenset(m.index for m in (*_TOPOLOGY, commands.Basic.Get))
 # RabbitMQ's built-in exchange types; a plugin's types are added by config.
 EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
 

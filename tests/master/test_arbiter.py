@@ -12,16 +12,7 @@ import pytest
 
 from tests.conftest import proxy_params
 from tests.support.broker import BROKER_HOST, BROKER_PORT
-
-
-def wait_until(predicate, timeout: float = 15, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.support.waiting import wait_until
 
 
 def workers(master_pid: int) -> dict[int, str]:

@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import proxy_params
-from tests.master.test_arbiter import serving_workers, wait_until
+from tests.master.test_arbiter import serving_workers
 from tests.support.daemon import free_port
+from tests.support.waiting import wait_until
 
 
 def get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:

@@ -13,13 +13,7 @@ from pamqp import commands
 from tests.conftest import proxy_params
 from tests.support.broker import queue_names, rabbitmqctl
 from tests.support.rawclient import RawClient
-
-
-def wait_until(predicate, timeout: float = 10, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -14,16 +14,7 @@ from pamqp import commands
 
 from tests.conftest import broker_params, proxy_params
 from tests.support.rawclient import RawClient
-
-
-def wait_until(predicate, timeout: float = 15, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.support.waiting import wait_until
 
 
 def client_with_channel(port: int) -> RawClient:

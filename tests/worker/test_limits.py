@@ -15,16 +15,7 @@ from tests.conftest import proxy_params
 from tests.master.test_status import scrape
 from tests.support.broker import proxy_connections
 from tests.support.rawclient import RawClient
-
-
-def wait_until(predicate, timeout: float = 15, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.support.waiting import wait_until
 
 
 def worker_pids(master: int) -> list[int]:
@@ -111,8 +102,9 @@ def test_wrong_credentials_never_grow_the_pools(fresh_amqplexd, user):
         with pytest.raises(pika.exceptions.AMQPConnectionError):
             pika.BlockingConnection(bad)
     metrics = wait_until(
-        lambda: (m := scrape(daemon.status_port))["amqplex_authentication_failures_total"] == 30
-        and m
+        lambda: (
+            (m := scrape(daemon.status_port))["amqplex_authentication_failures_total"] == 30 and m
+        )
     )
     assert metrics["amqplex_pools"] == 0
     assert metrics["amqplex_upstream_connections"] == 0
