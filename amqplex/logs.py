@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 
@@ -42,6 +43,28 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class BufferedHandler(logging.handlers.MemoryHandler):
+    """Holds INFO and DEBUG lines (one per client session: thousands a
+    second under churn) and writes them in batches: at WARNING, when the
+    buffer is full, or when flush() is called (workers do, every second)."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(capacity=512, flushLevel=logging.WARNING, target=target)
+
+    def flush(self) -> None:
+        # One write for the batch, not a write per line.
+        self.acquire()
+        try:
+            if self.buffer and self.target is not None:
+                lines = [self.target.format(record) for record in self.buffer]
+                stream = self.target.stream
+                stream.write("\n".join(lines) + "\n")
+                stream.flush()
+                self.buffer.clear()
+        finally:
+            self.release()
+
+
 def configure(level: str, format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if format == "json" else TextFormatter())
@@ -50,6 +73,21 @@ def configure(level: str, format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def buffer_output(logger_name: str) -> None:
+    """Batch the lines of one busy logger (a worker's client sessions: one
+    line each, thousands a second under churn); see flush()."""
+    root = logging.getLogger()
+    stream = next(h for h in root.handlers if isinstance(h, logging.StreamHandler))
+    busy = logging.getLogger(logger_name)
+    busy.addHandler(BufferedHandler(stream))
+    busy.propagate = False
+
+
+def flush(logger_name: str) -> None:
+    for handler in logging.getLogger(logger_name).handlers:
+        handler.flush()
 
 
 def _text(value: object) -> str:

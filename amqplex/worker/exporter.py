@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import typing
 
-from amqplex import metrics
+from amqplex import logs, metrics
+from amqplex.worker.session import SESSION_LOGGER
 from amqplex.worker.stats import Stats
 
 if typing.TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Exporter:
     async def run(self) -> None:
         while True:
             self.flush()
+            logs.flush(SESSION_LOGGER)
             await asyncio.sleep(INTERVAL)
 
     def flush(self) -> None:

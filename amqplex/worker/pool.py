@@ -375,13 +375,22 @@ class Pools:
     def __len__(self) -> int:
         return len(self._pools)
 
+    def logged_in(self, credentials: Credentials) -> bool:
+        """Whether an open upstream was logged in with exactly these credentials."""
+        return any(key[0] == credentials and pool.upstreams for key, pool in self._pools.items())
+
+    def ready(self, credentials: Credentials, vhost: str) -> Pool | None:
+        """The pool for these credentials and vhost, if it has an open upstream."""
+        pool = self._pools.get((credentials, vhost))
+        return pool if pool is not None and pool.upstreams else None
+
     async def login(self, credentials: Credentials) -> Upstream | None:
         """Have the broker check a password, as it does after StartOk: None
         when a pool already holds a connection logged in with exactly these
         credentials (or another client's login for them just succeeded),
         else a new logged-in connection, not yet open on a vhost, for the
         caller to hand to get(). UpstreamRefused if the broker says no."""
-        if any(key[0] == credentials and pool.upstreams for key, pool in self._pools.items()):
+        if self.logged_in(credentials):
             return None
         pending = self._logins.get(credentials)
         if pending is not None:

@@ -8,8 +8,10 @@ import socket
 
 from setproctitle import setproctitle
 
+from amqplex import logs
 from amqplex.config import Config
 from amqplex.worker.server import Worker
+from amqplex.worker.session import SESSION_LOGGER
 
 
 def run_worker(config: Config, sock: socket.socket, slot: int) -> int:
@@ -17,6 +19,7 @@ def run_worker(config: Config, sock: socket.socket, slot: int) -> int:
     # Reload and resizing are the master's: a worker only drains or quits.
     for name in ("SIGHUP", "SIGTTIN", "SIGTTOU"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    logs.buffer_output(SESSION_LOGGER)
     worker = Worker(config, slot)
     run_loop(worker.serve(sock))
     return 0

@@ -8,10 +8,13 @@ import signal
 import socket
 import typing
 
+from pamqp import commands
 from setproctitle import setproctitle
 
 from amqplex import tls
 from amqplex.config import Config
+from amqplex.protocol import methods
+from amqplex.protocol.auth import MECHANISMS
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker.exporter import Exporter
 from amqplex.worker.pool import Pools
@@ -55,6 +58,7 @@ class Worker:
         self.server_properties: dict = _FALLBACK_SERVER_PROPERTIES
         self.frame_max = _DEFAULT_FRAME_MAX
         self.channel_max = min(_DEFAULT_CHANNEL_MAX, config.pool.max_channels)
+        self._encode_handshake()
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None
@@ -71,14 +75,37 @@ class Worker:
 
     def learn(self, upstream: Upstream) -> None:
         """Offer clients what the broker offers (DESIGN rules 1 and 3)."""
-        self.server_properties = upstream.server_properties
-        self.frame_max = upstream.frame_max
+        if (upstream.server_properties, upstream.frame_max) != (
+            self.server_properties,
+            self.frame_max,
+        ):
+            self.server_properties = upstream.server_properties
+            self.frame_max = upstream.frame_max
+            self._encode_handshake()
+
+    def _encode_handshake(self) -> None:
+        """Connection.Start and Tune as every client gets them, encoded once."""
+        self.start_frame = methods.encode(
+            0,
+            commands.Connection.Start(
+                server_properties=self.server_properties, mechanisms=MECHANISMS, locales="en_US"
+            ),
+        )
+        self.tune_frame = methods.encode(
+            0,
+            commands.Connection.Tune(
+                channel_max=self.channel_max,
+                frame_max=self.frame_max,
+                heartbeat=self.config.client.heartbeat,
+            ),
+        )
 
     async def start(self, sock: socket.socket | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         try:
             self.server_properties = await fetch_server_properties(self.config.upstream)
+            self._encode_handshake()
         except (TimeoutError, OSError) as error:
             log.warning("broker not reachable at start (%s); offering defaults", error)
         listen = self.config.listen

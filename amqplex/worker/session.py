@@ -20,7 +20,7 @@ from pamqp import commands
 
 from amqplex import metrics
 from amqplex.protocol import methods
-from amqplex.protocol.auth import MECHANISMS, Credentials, parse_response
+from amqplex.protocol.auth import Credentials, parse_response
 from amqplex.protocol.constants import (
     FRAME_HEARTBEAT,
     FRAME_METHOD,
@@ -43,8 +43,12 @@ if typing.TYPE_CHECKING:
     from amqplex.worker.upstream import Upstream
 
 log = logging.getLogger(__name__)
+# Its lines (one per client session) are written in batches: see logs.
+SESSION_LOGGER = __name__
 
 _CHANNEL_OPEN = commands.Channel.Open.index
+_OPEN_OK = methods.encode(0, commands.Connection.OpenOk())
+_CLOSE_OK = methods.encode(0, commands.Connection.CloseOk())
 # SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -186,16 +190,7 @@ class ClientSession(asyncio.Protocol):
             return b""
         rest, self._header = self._header[8:], b""
         self.state = State.START_OK
-        self.write(
-            methods.encode(
-                0,
-                commands.Connection.Start(
-                    server_properties=self.worker.server_properties,
-                    mechanisms=MECHANISMS,
-                    locales="en_US",
-                ),
-            )
-        )
+        self.write(self.worker.start_frame)
         return rest
 
     def _refuse_protocol(self) -> None:
@@ -237,6 +232,11 @@ class ClientSession(asyncio.Protocol):
         capabilities = method.client_properties.get("capabilities") or {}
         self.cancel_notify = bool(capabilities.get("consumer_cancel_notify"))
         self.blocked_notify = bool(capabilities.get("connection.blocked"))
+        if self.worker.pools.logged_in(self.credentials):
+            # The broker accepted exactly these credentials for an open
+            # upstream: the usual case, answered without a task or a wait.
+            self._tune()
+            return
         self.state = State.LOGIN
         self.pause_reading()
         self.worker.spawn(self._login())
@@ -261,18 +261,12 @@ class ClientSession(asyncio.Protocol):
                 login.discard_login()
             return
         self._logged_in = login
-        self.state = State.TUNE_OK
         self.resume_reading()
-        self.write(
-            methods.encode(
-                0,
-                commands.Connection.Tune(
-                    channel_max=self.worker.channel_max,
-                    frame_max=self.worker.frame_max,
-                    heartbeat=self.config.heartbeat,
-                ),
-            )
-        )
+        self._tune()
+
+    def _tune(self) -> None:
+        self.state = State.TUNE_OK
+        self.write(self.worker.tune_frame)
 
     def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
         ids = methods.ids(commands.Connection.TuneOk)
@@ -310,6 +304,10 @@ class ClientSession(asyncio.Protocol):
                 "(pool.max_client_connections)",
                 *methods.ids(commands.Connection.Open),
             )
+        pool = self.worker.pools.ready(self.credentials, self.vhost)
+        if pool is not None and self._logged_in is None:
+            self._opened(pool)
+            return
         self.state = State.VERIFYING
         self.pause_reading()
         self.worker.spawn(self._verify())
@@ -331,15 +329,18 @@ class ClientSession(asyncio.Protocol):
             return
         if self.state is not State.VERIFYING:
             return
+        self._opened(pool)
+        self.resume_reading()
+
+    def _opened(self, pool: Pool) -> None:
         self.pool = pool
         self.state = State.RUNNING
         self._timer.cancel()
-        self.write(methods.encode(0, commands.Connection.OpenOk()))
+        self.write(_OPEN_OK)
         metrics.CLIENT_HANDSHAKE_SECONDS.observe(self.loop.time() - self.started)
         pool.session_joined(self)
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
-        self.resume_reading()
 
     def _refused(self, refusal: UpstreamRefused) -> None:
         """The broker's own refusal (403 at login, 530 at Open), word for word."""
@@ -489,7 +490,7 @@ class ClientSession(asyncio.Protocol):
         closed upstream and the proxy answers CloseOk (DESIGN rule 5)."""
         self.close_code, self.close_text = method.reply_code, method.reply_text
         self._release_channels()
-        self.write(methods.encode(0, commands.Connection.CloseOk()))
+        self.write(_CLOSE_OK)
         self.writer.flush()
         self.state = State.CLOSED
         self.transport.close()
@@ -526,7 +527,7 @@ class ClientSession(asyncio.Protocol):
             self.writer.flush()
             self.transport.close()
         elif index == commands.Connection.Close.index:
-            self.write(methods.encode(0, commands.Connection.CloseOk()))
+            self.write(_CLOSE_OK)
             self.state = State.CLOSED
             self.writer.flush()
             self.transport.close()
