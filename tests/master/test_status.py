@@ -143,3 +143,22 @@ def test_health_is_503_while_draining(fresh_amqplexd):
     started = time.monotonic()
     daemon.process.wait(20)
     assert time.monotonic() - started < 15
+
+
+def test_health_is_503_while_no_worker_is_alive(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1")
+    killed: set[int] = set()
+
+    def no_live_worker() -> tuple[int, str, str] | None:
+        # Kill each worker as it appears: the master's restart backoff grows
+        # (0.5 s, 1 s, 2 s ...) and leaves a window with no worker at all.
+        for pid in set(serving_workers(daemon.process.pid)) - killed:
+            killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+        answer = get(daemon.status_port, "/")
+        return answer if answer[0] == 503 else None
+
+    status, _, body = wait_until(no_live_worker, timeout=20, interval=0.02)
+    assert "no live worker" in body
+    # And it comes back by itself.
+    assert wait_until(lambda: get(daemon.status_port, "/")[0] == 200, timeout=20)
