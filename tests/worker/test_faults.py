@@ -24,9 +24,9 @@ def client_with_channel(port: int) -> RawClient:
     return client
 
 
-def can_connect(port: int) -> bool:
+def can_connect(port: int, user=None) -> bool:
     try:
-        connection = pika.BlockingConnection(proxy_params(port, connection_attempts=1))
+        connection = pika.BlockingConnection(proxy_params(port, user, connection_attempts=1))
     except pika.exceptions.AMQPError:
         return False
     ok = connection.channel().is_open
@@ -145,3 +145,27 @@ def test_a_dial_that_hangs_is_bounded(fresh_amqplexd, relay, user):
     assert answer.reply_code == 320
     assert 0.8 < time.monotonic() - started < 4
     relay.resume()
+
+
+def test_a_broker_closing_the_upstream_closes_its_clients_with_320(fresh_amqplexd, user):
+    from tests.support.broker import rabbitmqctl
+
+    daemon = fresh_amqplexd()
+    clients = []
+    for _ in range(3):
+        client = RawClient(daemon.port)
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        clients.append(client)
+    rows = rabbitmqctl("list_connections", "pid", "user").splitlines()
+    (pid,) = [row.split()[0] for row in rows if row.split()[-1:] == [user.name]]
+    rabbitmqctl("close_connection", pid, "closed by a test")
+    closed = time.monotonic()
+    for client in clients:
+        close = client.expect_connection_close(timeout=2)
+        assert close.reply_code == 320
+        assert "closed by a test" in close.reply_text
+        assert time.monotonic() - closed < 1.5
+        client.close()
+    # The pool redials with backoff: the same user is served again.
+    wait_until(lambda: can_connect(daemon.port, user), timeout=10)
