@@ -16,6 +16,7 @@ from amqplex.config import Config
 from amqplex.protocol import methods
 from amqplex.protocol.auth import MECHANISMS
 from amqplex.protocol.constants import ReplyCode
+from amqplex.worker import memory
 from amqplex.worker.exporter import Exporter
 from amqplex.worker.pool import Pools
 from amqplex.worker.rules import EXCHANGE_TYPES
@@ -130,6 +131,7 @@ class Worker:
         )
         self.spawn(self._sweep_forever())
         self.spawn(Exporter(self).run())
+        self.spawn(memory.release_forever())
 
     async def _sweep_forever(self) -> None:
         """Close idle upstreams and drop unused pools (pool.cleanup_interval)."""
