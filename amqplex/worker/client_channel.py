@@ -360,12 +360,6 @@ class ClientChannel:
                 self.committing = False
         session.write(rewrite_channel(frame, self.cid_bytes))
 
-    def closed_by_broker(self, frame: bytes) -> None:
-        self.session.write(rewrite_channel(frame, self.cid_bytes))
-
-    def close_ok_from_broker(self, frame: bytes) -> None:
-        self.session.write(rewrite_channel(frame, self.cid_bytes))
-
     def slot_released(self) -> None:
         """The upstream channel is closed both ways: the client's id is free."""
         self.slot = None

@@ -43,11 +43,15 @@ class Exporter:
 
     def flush(self) -> None:
         stats, sent = self.worker.stats, self._sent
+        totals = {name: getattr(stats, name) for name in _COUNTERS}
+        for session in self.worker.sessions:
+            totals["bytes_from_clients"] += session.bytes_in
+            totals["bytes_to_clients"] += session.bytes_out
         for name, counter in _COUNTERS.items():
-            delta = getattr(stats, name) - getattr(sent, name)
+            delta = totals[name] - getattr(sent, name)
             if delta:
                 counter.inc(delta)
-                setattr(sent, name, getattr(stats, name))
+                setattr(sent, name, totals[name])
         for code, count in stats.client_errors.items():
             delta = count - sent.client_errors.get(code, 0)
             if delta:

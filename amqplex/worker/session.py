@@ -116,7 +116,6 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
-        self.worker.stats.bytes_from_clients += len(data)
         self.bytes_in += len(data)
         if self.state is State.HEADER:
             data = self._protocol_header(data)
@@ -244,17 +243,8 @@ class ClientSession(asyncio.Protocol):
     async def _login(self) -> None:
         """The broker checks the password before the client is tuned, as it
         does itself, so a wrong one is refused where clients expect it."""
-        try:
-            login = await self.worker.pools.login(self.credentials)
-        except UpstreamRefused as refusal:
-            self._refused(refusal)
-            return
-        except (OSError, TimeoutError) as error:
-            self._unavailable(error)
-            return
-        except Exception as error:  # never leave a client waiting on a bug
-            log.exception("login failed")
-            self._unavailable(error)
+        answered, login = await self._ask_broker(self.worker.pools.login(self.credentials))
+        if not answered:
             return
         if self.state is not State.LOGIN:
             if login is not None:
@@ -315,19 +305,10 @@ class ClientSession(asyncio.Protocol):
     async def _verify(self) -> None:
         """Credentials are checked by the broker before OpenOk (DESIGN rule 2)."""
         login, self._logged_in = self._logged_in, None
-        try:
-            pool = await self.worker.pools.get(self.credentials, self.vhost, login)
-        except UpstreamRefused as refusal:
-            self._refused(refusal)
-            return
-        except (OSError, TimeoutError, UpstreamUnavailable) as error:
-            self._unavailable(error)
-            return
-        except Exception as error:  # never leave a client waiting on a bug
-            log.exception("opening the vhost failed")
-            self._unavailable(error)
-            return
-        if self.state is not State.VERIFYING:
+        answered, pool = await self._ask_broker(
+            self.worker.pools.get(self.credentials, self.vhost, login)
+        )
+        if not answered or self.state is not State.VERIFYING:
             return
         self._opened(pool)
         self.resume_reading()
@@ -342,17 +323,24 @@ class ClientSession(asyncio.Protocol):
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
 
-    def _refused(self, refusal: UpstreamRefused) -> None:
-        """The broker's own refusal (403 at login, 530 at Open), word for word."""
-        self.worker.stats.authentication_failures += 1
-        self._send_close(refusal.code, refusal.text, refusal.class_id, refusal.method_id)
-
-    def _unavailable(self, error: BaseException) -> None:
-        reason = str(error) or type(error).__name__
-        log.warning("upstream unavailable for a client: %s", reason)
-        self._send_close(
-            ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream unavailable: {reason}"
-        )
+    async def _ask_broker(self, request: typing.Awaitable) -> tuple[bool, typing.Any]:
+        """(True, the answer) to a login or vhost request, or (False, None)
+        once the client has been told why not: the broker's own refusal
+        (403 at login, 530 at Open) word for word, else 320."""
+        try:
+            return True, await request
+        except UpstreamRefused as refusal:
+            self.worker.stats.authentication_failures += 1
+            self._send_close(refusal.code, refusal.text, refusal.class_id, refusal.method_id)
+        except Exception as error:  # unreachable, timed out, or a bug: never a hang
+            if not isinstance(error, OSError | TimeoutError | UpstreamUnavailable):
+                log.exception("asking the broker for a client failed")
+            reason = str(error) or type(error).__name__
+            log.warning("upstream unavailable for a client: %s", reason)
+            self._send_close(
+                ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream unavailable: {reason}"
+            )
+        return False, None
 
     def _handshake_timeout(self) -> None:
         if self.state in (State.CLOSING, State.CLOSED):
@@ -437,20 +425,15 @@ class ClientSession(asyncio.Protocol):
     # -- writing -------------------------------------------------------------------
 
     def write(self, frame: bytes) -> None:
-        stats = self.worker.stats
-        stats.frames_to_clients += 1
-        stats.bytes_to_clients += len(frame)
+        self.worker.stats.frames_to_clients += 1
         self.bytes_out += len(frame)
         self.writer.write(frame)
 
     def write_many(self, pieces: typing.Sequence, frames: int = 0) -> None:
         """Write `pieces` (whole frames, or a body's header and payload: then
         `frames` says how many frames they make)."""
-        stats = self.worker.stats
-        stats.frames_to_clients += frames or len(pieces)
-        size = sum(map(len, pieces))
-        stats.bytes_to_clients += size
-        self.bytes_out += size
+        self.worker.stats.frames_to_clients += frames or len(pieces)
+        self.bytes_out += sum(map(len, pieces))
         self.writer.write_many(pieces)
 
     def pause_reading(self) -> None:
@@ -566,6 +549,7 @@ class ClientSession(asyncio.Protocol):
 
     def _end(self) -> None:
         self._log_end()
+        self.worker.stats.session_ended(self.bytes_in, self.bytes_out)
         self.state = State.CLOSED
         if self._logged_in is not None:
             self._logged_in.discard_login()

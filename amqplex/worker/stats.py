@@ -17,6 +17,8 @@ class Stats:
     messages_delivered: int = 0
     frames_from_clients: int = 0
     frames_to_clients: int = 0
+    # Of sessions that have ended: live sessions count their own (bytes_in,
+    # bytes_out), and the exporter adds them up.
     bytes_from_clients: int = 0
     bytes_to_clients: int = 0
     # Connection.Close reply codes the proxy sent clients, by code.
@@ -24,3 +26,7 @@ class Stats:
 
     def client_error(self, code: int) -> None:
         self.client_errors[code] = self.client_errors.get(code, 0) + 1
+
+    def session_ended(self, bytes_in: int, bytes_out: int) -> None:
+        self.bytes_from_clients += bytes_in
+        self.bytes_to_clients += bytes_out

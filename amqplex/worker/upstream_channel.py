@@ -103,7 +103,7 @@ class UpstreamChannel:
         if self.client is not None:
             # The client answers with CloseOk (client_close_ok), as it would
             # answer the broker directly.
-            self.client.closed_by_broker(frame)
+            self.client.from_broker(FRAME_METHOD, frame, _CLOSE)
         else:
             self.upstream.pool.forget_idle(self)
             self.client_close_ok()
@@ -111,7 +111,7 @@ class UpstreamChannel:
     def _close_ok(self, frame: bytes) -> None:
         self.awaiting_close_ok = False
         if self.client is not None:
-            self.client.close_ok_from_broker(frame)
+            self.client.from_broker(FRAME_METHOD, frame, _CLOSE_OK)
         self._release_if_done()
 
     # -- what the client side asks -----------------------------------------
