@@ -4,21 +4,10 @@ long, how much and how it ended; text or JSON; never a password."""
 from __future__ import annotations
 
 import json
-import time
 
 import pika
 
 from tests.conftest import proxy_params
-
-
-def wait_for_line(daemon, needle: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in daemon.log_text().splitlines():
-            if needle in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line with {needle!r}:\n{daemon.log_text()}")
 
 
 def test_a_session_end_line_says_who_how_long_how_much_and_how_it_ended(fresh_amqplexd, user):
@@ -26,7 +15,7 @@ def test_a_session_end_line_says_who_how_long_how_much_and_how_it_ended(fresh_am
     connection = pika.BlockingConnection(proxy_params(daemon.port, user))
     connection.channel()
     connection.close()
-    line = wait_for_line(daemon, "client session ended")
+    line = daemon.wait_for_log("client session ended")
     for field in (
         "client=127.0.0.1:",
         f"user={user.name}",
@@ -44,7 +33,7 @@ def test_json_logs_carry_the_same_fields(fresh_amqplexd, user):
     daemon = fresh_amqplexd(env={"AMQP_LOG_FORMAT": "json"})
     connection = pika.BlockingConnection(proxy_params(daemon.port, user))
     connection.close()
-    line = wait_for_line(daemon, "client session ended")
+    line = daemon.wait_for_log("client session ended")
     entry = json.loads(line)
     assert entry["level"] == "info"
     assert entry["user"] == user.name
@@ -56,7 +45,7 @@ def test_json_logs_carry_the_same_fields(fresh_amqplexd, user):
 
 def test_workers_run_on_uvloop(fresh_amqplexd):
     daemon = fresh_amqplexd()
-    assert "event loop: uvloop" in wait_for_line(daemon, "event loop:")
+    assert "event loop: uvloop" in daemon.wait_for_log("event loop:")
 
 
 def test_upstream_events_are_logged(fresh_amqplexd, user):
@@ -64,5 +53,5 @@ def test_upstream_events_are_logged(fresh_amqplexd, user):
         env={"AMQP_POOL_IDLE_TIMEOUT": "0.5", "AMQP_POOL_CLEANUP_INTERVAL": "0.2"}
     )
     pika.BlockingConnection(proxy_params(daemon.port, user)).close()
-    assert "open" in wait_for_line(daemon, "upstream 1 for <Pool user=")
-    assert "idle for" in wait_for_line(daemon, "closing upstream for")
+    assert "open" in daemon.wait_for_log("upstream 1 for <Pool user=")
+    assert "idle for" in daemon.wait_for_log("closing upstream for")

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.waiting import wait_until
 
 # Tests stop daemons often: a client a test left connected must not hold up
 # the drain for the production default of 30 s.
@@ -38,7 +40,13 @@ def wait_listening(port: int, deadline: float, process: subprocess.Popen | None 
 class Amqplexd:
     """One amqplexd process in front of the test broker (or `upstream`)."""
 
-    def __init__(self, *args: str, upstream: str | None = None, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        upstream: str | None = None,
+        env: dict | None = None,
+        preexec_fn: typing.Callable[[], None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.status_port = free_port()
         self.upstream = upstream or f"amqp://{BROKER_HOST}:{BROKER_PORT}"
@@ -63,6 +71,7 @@ class Amqplexd:
                 "AMQP_METRICS_PORT": str(self.status_port),
                 **(env or {}),
             },
+            preexec_fn=preexec_fn,
         )
         os.close(log_fd)
         wait_listening(self.port, time.monotonic() + 20, self.process)
@@ -70,6 +79,18 @@ class Amqplexd:
     def log_text(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
+
+    def log_lines(self) -> list[str]:
+        return self.log_text().splitlines()
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """The first log line with `text`, once one is written (workers
+        write client-session lines in batches, within a second)."""
+
+        def line() -> str | None:
+            return next((line for line in self.log_lines() if text in line), None)
+
+        return wait_until(line, timeout, what=f"{text!r} in the log")
 
     def stop(self) -> int:
         if self.process.poll() is None:

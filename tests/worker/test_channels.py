@@ -24,6 +24,7 @@ from tests.conftest import broker_params, proxy_params
 from tests.support import broker
 from tests.support.rawclient import RawClient
 from tests.support.relay import DOWN, UP, Relay, RelayConnection
+from tests.support.waiting import wait_until
 
 SMALL_POOL = {"AMQP_POOL_MAX_CHANNELS": "5"}
 
@@ -101,17 +102,6 @@ def upstream_frames(relay: Relay, predicate) -> list:
         for frame in conn.frames(UP)
         if predicate(frame)
     ]
-
-
-def wait_until(condition, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def unsettled_channels(relay: Relay) -> list[tuple[int, int, str]]:

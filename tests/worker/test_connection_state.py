@@ -4,6 +4,7 @@ the clients that asked for it, Basic.Cancel only those that advertised it."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pika
@@ -123,14 +124,15 @@ def test_basic_cancel_reaches_only_clients_that_advertised_it(
 @pytest.fixture
 def memory_alarm():
     """Raise the broker's memory alarm for the test; always restored."""
-    original = rabbitmqctl("environment")
-    assert "vm_memory_high_watermark" in original
+    # The broker's own setting, put back afterwards: {vm_memory_high_watermark,0.4}
+    setting = re.search(r"\{vm_memory_high_watermark,([0-9.]+)\}", rabbitmqctl("environment"))
+    assert setting, "no vm_memory_high_watermark in the broker's environment"
 
     def raise_alarm() -> None:
         rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
 
     def clear_alarm() -> None:
-        rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        rabbitmqctl("set_vm_memory_high_watermark", setting.group(1))
 
     try:
         yield raise_alarm, clear_alarm

@@ -17,9 +17,12 @@ from tests.support.rawclient import RawClient
 from tests.support.waiting import wait_until
 
 
-def client_with_channel(port: int) -> RawClient:
+def client_with_channel(port: int, user=None) -> RawClient:
     client = RawClient(port)
-    client.handshake()
+    if user is None:
+        client.handshake()
+    else:
+        client.handshake(user.name, user.password)
     client.open_channel(1)
     return client
 
@@ -151,12 +154,7 @@ def test_a_broker_closing_the_upstream_closes_its_clients_with_320(fresh_amqplex
     from tests.support.broker import rabbitmqctl
 
     daemon = fresh_amqplexd()
-    clients = []
-    for _ in range(3):
-        client = RawClient(daemon.port)
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
-        clients.append(client)
+    clients = [client_with_channel(daemon.port, user) for _ in range(3)]
     rows = rabbitmqctl("list_connections", "pid", "user").splitlines()
     (pid,) = [row.split()[0] for row in rows if row.split()[-1:] == [user.name]]
     rabbitmqctl("close_connection", pid, "closed by a test")

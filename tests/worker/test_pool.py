@@ -26,19 +26,10 @@ from tests.conftest import broker_params, proxy_params
 from tests.support import broker
 from tests.support.broker import BROKER_HOST, BROKER_PORT, rabbitmqctl
 from tests.support.rawclient import RawClient, amqplain_response, body_frame
+from tests.support.waiting import wait_until
 
 # Pre-opened idle channels each pool keeps (PoolConfig.idle_channels).
 IDLE_CHANNELS = 4
-
-
-def wait_until(predicate, timeout: float = 15, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
-        time.sleep(interval)
 
 
 def message_count(queue: str) -> int:
@@ -657,6 +648,7 @@ def test_no_client_can_make_the_proxy_log_a_password(fresh_amqplexd, user, forbi
     for cut in range(4, len(payload), 3):
         part = payload[:cut]
         _send_start_ok(daemon.port, struct.pack(">BHI", 1, 0, len(part)) + part + b"\xce")
+
     # Workers write INFO lines in batches, at least once a second.
     def logged() -> str:
         text = daemon.log_text()
