@@ -4,6 +4,8 @@ The proxy decodes a method only where it must act on it; everything else on
 the data path stays bytes (see framing).
 """
 
+import functools
+
 from pamqp import base, commands, frame
 from pamqp import decode as values
 
@@ -50,8 +52,7 @@ def _unmarshal(method: Method, data: bytes) -> int:
     offset = 0
     bit = 0
     in_bits = False
-    for argument in method.__slots__:
-        data_type = method.amqp_type(argument)
+    for argument, data_type in _layout(type(method)):
         if in_bits and (data_type != "bit" or bit == 8):
             offset, bit, in_bits = offset + 1, 0, False
         if data_type == "bit":
@@ -66,6 +67,36 @@ def _unmarshal(method: Method, data: bytes) -> int:
                 raise ValueError(f"{argument} truncated")
         setattr(method, argument, value)
     return offset + 1 if in_bits else offset
+
+
+@functools.cache
+def _layout(method_class: type[Method]) -> tuple[tuple[str, str], ...]:
+    """(argument, AMQP type) of each of a method's arguments, in wire order."""
+    return tuple((name, method_class.amqp_type(name)) for name in method_class.__slots__)
+
+
+class DecodeCache:
+    """Decoded methods by the bytes of their frame, for frames that arrive
+    byte-identical again and again: every client of one library sends the
+    same TuneOk, Open and Close, and the same StartOk for the same login, so
+    under connection churn the handshake costs a lookup, not a decode.
+
+    The methods returned are shared: read them, never change them."""
+
+    __slots__ = ("_known", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._known: dict[bytes, Method] = {}
+        self._size = size
+
+    def decode(self, frame_bytes: bytes) -> Method:
+        method = self._known.get(frame_bytes)
+        if method is None:
+            method = decode(frame_bytes)
+            if len(self._known) >= self._size:
+                del self._known[next(iter(self._known))]  # the oldest
+            self._known[frame_bytes] = method
+        return method
 
 
 def encode(channel: int, method: Method) -> bytes:

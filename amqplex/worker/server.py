@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Offered to clients until an upstream tells us the broker's own values.
 _DEFAULT_FRAME_MAX = 131072
 _DEFAULT_CHANNEL_MAX = 2047
+# Distinct handshake frames kept decoded: a few per client library and login.
+HANDSHAKE_CACHE_SIZE = 256
 SHUTDOWN_TEXT = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
 _FALLBACK_SERVER_PROPERTIES = {
     "product": "amqplex",
@@ -60,6 +62,9 @@ class Worker:
         self.frame_max = _DEFAULT_FRAME_MAX
         self.channel_max = min(_DEFAULT_CHANNEL_MAX, config.pool.max_channels)
         self._encode_handshake()
+        # Clients' channel-0 methods (StartOk, TuneOk, Open, Close), decoded
+        # once per distinct frame: churning clients send the same ones.
+        self.connection_methods = methods.DecodeCache(HANDSHAKE_CACHE_SIZE)
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
         self._stopped: asyncio.Event | None = None

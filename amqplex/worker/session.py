@@ -210,7 +210,7 @@ class ClientSession(asyncio.Protocol):
             raise ConnectionException(
                 ReplyCode.COMMAND_INVALID, f"unexpected frame during handshake ({self.state.value})"
             )
-        method = methods.decode(frame)
+        method = self.worker.connection_methods.decode(frame)
         if isinstance(method, commands.Connection.Close):
             self._client_close(method)
         elif self.state is State.START_OK and isinstance(method, commands.Connection.StartOk):
@@ -398,7 +398,7 @@ class ClientSession(asyncio.Protocol):
             return
         if frame_type != FRAME_METHOD:
             raise ConnectionException(ReplyCode.UNEXPECTED_FRAME, "content frame on channel 0")
-        method = methods.decode(frame)
+        method = self.worker.connection_methods.decode(frame)
         if isinstance(method, commands.Connection.Close):
             self._client_close(method)
             return

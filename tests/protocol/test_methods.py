@@ -1,0 +1,67 @@
+"""Method decoding (strict, as RabbitMQ decodes) and the cache of decoded
+channel-0 methods, as pure unit tests."""
+
+from __future__ import annotations
+
+import pytest
+from pamqp import commands, frame
+
+from amqplex.protocol import methods
+from amqplex.protocol.constants import ReplyCode
+from amqplex.protocol.errors import ConnectionException
+
+TUNE_OK = frame.marshal(commands.Connection.TuneOk(channel_max=16, frame_max=4096, heartbeat=5), 0)
+
+
+def with_trailing_byte(frame_bytes: bytes) -> bytes:
+    """The same frame with one argument byte too many (size adjusted)."""
+    size = int.from_bytes(frame_bytes[3:7]) + 1
+    return frame_bytes[:3] + size.to_bytes(4) + frame_bytes[7:-1] + b"\x00" + frame_bytes[-1:]
+
+
+def test_decode_reads_every_argument():
+    method = methods.decode(TUNE_OK)
+    assert isinstance(method, commands.Connection.TuneOk)
+    assert (method.channel_max, method.frame_max, method.heartbeat) == (16, 4096, 5)
+
+
+def test_decode_reads_bits_after_other_arguments():
+    declare = commands.Queue.Declare(queue="q", durable=True, auto_delete=True, nowait=True)
+    method = methods.decode(frame.marshal(declare, 1))
+    assert (method.queue, method.passive, method.durable, method.exclusive) == ("q", 0, 1, 0)
+    assert (method.auto_delete, method.nowait) == (1, 1)
+
+
+def test_trailing_argument_bytes_are_a_frame_error():
+    with pytest.raises(ConnectionException) as caught:
+        methods.decode(with_trailing_byte(TUNE_OK))
+    assert caught.value.code == ReplyCode.FRAME_ERROR
+
+
+def test_cache_decodes_identical_frames_once():
+    cache = methods.DecodeCache(4)
+    first = cache.decode(TUNE_OK)
+    assert cache.decode(bytes(bytearray(TUNE_OK))) is first
+    other = frame.marshal(commands.Connection.TuneOk(channel_max=1, frame_max=4096), 0)
+    assert cache.decode(other) is not first
+    assert cache.decode(other).channel_max == 1
+
+
+def test_cache_forgets_the_oldest_frame_when_full():
+    cache = methods.DecodeCache(2)
+    frames = [
+        frame.marshal(commands.Connection.TuneOk(channel_max=n, frame_max=4096), 0)
+        for n in (1, 2, 3)
+    ]
+    decoded = [cache.decode(f) for f in frames]
+    assert cache.decode(frames[2]) is decoded[2]
+    assert cache.decode(frames[1]) is decoded[1]
+    assert cache.decode(frames[0]) is not decoded[0]  # evicted, decoded again
+
+
+def test_cache_keeps_no_frame_that_failed_to_decode():
+    cache = methods.DecodeCache(4)
+    bad = with_trailing_byte(TUNE_OK)
+    for _ in range(2):  # refused every time, not only the first
+        with pytest.raises(ConnectionException):
+            cache.decode(bad)
