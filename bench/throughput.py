@@ -96,12 +96,18 @@ def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
 
 
 def publish(
-    bench: Bench, label: str, addr: tuple, size: Size, keep: bool = False
+    bench: Bench,
+    label: str,
+    addr: tuple,
+    size: Size,
+    keep: bool = False,
+    publishers: int | None = None,
 ) -> tuple[Rate, list[str]]:
-    """Publish into fresh queues (one per publisher) and verify every message
-    landed; the queues are deleted unless `keep`."""
+    """Publish into fresh queues (one per publisher; as many publishers as
+    the profile says unless `publishers`) and verify every message landed;
+    the queues are deleted unless `keep`."""
     count = size.count(bench)
-    queues = [bench.admin.queue(label) for _ in range(bench.profile.publishers)]
+    queues = [bench.admin.queue(label) for _ in range(publishers or bench.profile.publishers)]
     try:
         args = [(addr, queue, size.size, count) for queue in queues]
         meter = bench.meter()
@@ -179,6 +185,34 @@ def run_publish(bench: Bench) -> None:
                 if label == "proxy" and size.size > 4096:
                     bench.record_worker_rss()
             _report(bench, "publish", size, runs)
+    _publish_one_connection(bench, SIZES[0])
+
+
+def _publish_one_connection(bench: Bench, size: Size) -> None:
+    """One publisher, so one broker connection carries it either way.
+
+    RabbitMQ reads each connection with one process, which caps what one
+    connection can carry. The publishers above have a connection each
+    directly, but amqplexd carries a user's channels on as few upstreams as
+    will hold them (DESIGN rule 4): with -w 2, at most two. This row
+    compares like with like, and so shows what the proxy itself costs."""
+    runs = {
+        label: publish(bench, f"publish1.{label}", addr, size, publishers=1)[0]
+        for label, addr in bench.targets()
+    }
+    direct, proxy = runs["direct"], runs["proxy"]
+    bench.details.setdefault("publish", {})[f"{size.label}, one publisher"] = {
+        k: v.as_dict() for k, v in runs.items()
+    }
+    bench.add(
+        Row(
+            "publish",
+            f"{size.label} msg/s, one publisher (reference)",
+            "1/s",
+            direct.per_second,
+            proxy.per_second,
+        )
+    )
 
 
 def run_consume(bench: Bench) -> None:
