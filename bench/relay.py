@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import contextlib
 import signal
 
 from bench.procs import CTX, BenchError
 
 START_TIMEOUT = 10.0
+TICK = 0.001  # s: delayed chunks leave on whole ticks
 
 
 class _Side(asyncio.Protocol):
@@ -35,9 +37,20 @@ class _Side(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.pending.append((self.loop.time() + self.delay, data))
+        if not self.delay and not self.pending and self._peer_open():
+            self.peer.transport.write(data)
+            return
+        due = math.ceil((self.loop.time() + self.delay) / TICK) * TICK
+        self.pending.append((due, data))
         if self.timer is None:
-            self.timer = self.loop.call_at(self.pending[0][0], self.flush)
+            self.timer = self.loop.call_at(due, self.flush)
+
+    def _peer_open(self) -> bool:
+        return (
+            self.peer is not None
+            and self.peer.transport is not None
+            and not self.peer.transport.is_closing()
+        )
 
     def eof_received(self) -> bool:
         return False  # close this transport; connection_lost follows
