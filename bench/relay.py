@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import contextlib
+import math
 import signal
 
 from bench.procs import CTX, BenchError
