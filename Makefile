@@ -20,12 +20,12 @@ broker:
 	@scripts/ensure-rabbitmq
 
 test: $(STAMP) broker
-	$(BIN)/ruff check amqplex tests
+	$(BIN)/ruff check amqplex tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check amqplex tests
-	$(BIN)/ruff format --check amqplex tests
+	$(BIN)/ruff check amqplex tests bench
+	$(BIN)/ruff format --check amqplex tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
