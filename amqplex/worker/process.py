@@ -10,6 +10,7 @@ from setproctitle import setproctitle
 
 from amqplex import logs
 from amqplex.config import Config
+from amqplex.worker import memory
 from amqplex.worker.server import Worker
 from amqplex.worker.session import SESSION_LOGGER
 
@@ -20,6 +21,7 @@ def run_worker(config: Config, sock: socket.socket, slot: int) -> int:
     for name in ("SIGHUP", "SIGTTIN", "SIGTTOU"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     logs.buffer_output(SESSION_LOGGER)
+    memory.tune_allocator()
     worker = Worker(config, slot)
     run_loop(worker.serve(sock))
     return 0
