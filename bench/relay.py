@@ -81,11 +81,11 @@ class _Side(asyncio.Protocol):
             peer.transport.close()
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport and not self.peer.transport.is_closing():
+        if self._peer_open():
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport and not self.peer.transport.is_closing():
+        if self._peer_open():
             self.peer.transport.resume_reading()
 
 

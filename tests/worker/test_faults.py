@@ -37,6 +37,17 @@ def can_connect(port: int, user=None) -> bool:
     return ok
 
 
+def expect_forced_close(clients: list[RawClient], reason: str, since: float, within: float) -> None:
+    """Every client gets 320 naming `reason` within `within` s of `since`, then EOF."""
+    for client in clients:
+        close = client.expect_connection_close(timeout=2)
+        assert close.reply_code == 320
+        assert reason in close.reply_text
+        assert time.monotonic() - since < within
+        assert client.read_eof(timeout=2)
+        client.close()
+
+
 def drain_queue(name: str) -> list[bytes]:
     connection = pika.BlockingConnection(broker_params())
     channel = connection.channel()
@@ -56,14 +67,7 @@ def through_relay(fresh_amqplexd, relay):
 def test_severed_upstream_closes_every_client_with_320_within_a_second(through_relay, relay):
     clients = [client_with_channel(through_relay.port) for _ in range(5)]
     relay.sever()
-    severed = time.monotonic()
-    for client in clients:
-        close = client.expect_connection_close(timeout=2)
-        assert close.reply_code == 320
-        assert "CONNECTION_FORCED" in close.reply_text
-        assert time.monotonic() - severed < 1.0
-        assert client.read_eof(timeout=2)
-        client.close()
+    expect_forced_close(clients, "CONNECTION_FORCED", since=time.monotonic(), within=1.0)
     # The pool redials by itself: new clients are served without a restart.
     wait_until(lambda: can_connect(through_relay.port), timeout=10)
 
@@ -158,12 +162,6 @@ def test_a_broker_closing_the_upstream_closes_its_clients_with_320(fresh_amqplex
     rows = rabbitmqctl("list_connections", "pid", "user").splitlines()
     (pid,) = [row.split()[0] for row in rows if row.split()[-1:] == [user.name]]
     rabbitmqctl("close_connection", pid, "closed by a test")
-    closed = time.monotonic()
-    for client in clients:
-        close = client.expect_connection_close(timeout=2)
-        assert close.reply_code == 320
-        assert "closed by a test" in close.reply_text
-        assert time.monotonic() - closed < 1.5
-        client.close()
+    expect_forced_close(clients, "closed by a test", since=time.monotonic(), within=1.5)
     # The pool redials with backoff: the same user is served again.
     wait_until(lambda: can_connect(daemon.port, user), timeout=10)
