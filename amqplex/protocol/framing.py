@@ -1,12 +1,14 @@
-"""Splitting a byte stream into frames, and the byte-level edits the data
-path makes on frames it does not decode.
+"""Reading a byte stream as frames, and the byte-level edits the data path
+makes on frames it does not decode.
 
 Content header and body frames are never decoded on the way through: the
-splitter peeks at the 7-byte frame header, and forwarding only rewrites the
+reader peeks at the 7-byte frame header, and forwarding only rewrites the
 two channel-id bytes.
 """
 
+import ctypes
 import struct
+import sys
 import typing
 
 from amqplex.protocol.constants import (
@@ -32,15 +34,36 @@ LARGE_BODY = 2048
 Frame = tuple[int, int, bytes]
 """(frame type, channel id, the whole frame: header, payload and end octet)."""
 
+# Sizes of the buffer a read lands in: it doubles while reads fill it and
+# halves while they use under a quarter of it, so a stream gets large reads,
+# and a connection gone quiet keeps only the smallest (a few KB per idle
+# client is the budget).
+MIN_READ = 1024
+MAX_READ = 1 << 18
 
-class FrameSplitter:
-    """Cuts frames out of the bytes a peer sends, checking each frame's type,
-    size and end octet as RabbitMQ does (501 FRAME_ERROR otherwise).
 
-    Large body frames come out as memoryviews of the bytes read, so their
-    payload is never copied on its way through the proxy (see retarget)."""
+class FrameReader:
+    """Cuts frames out of what a peer sends, checking each frame's type, size
+    and end octet as RabbitMQ does (501 FRAME_ERROR otherwise).
 
-    __slots__ = ("frame_max", "slack", "_pending", "_pending_size", "_wanted")
+    The kernel reads straight into the reader's buffer (asyncio's
+    BufferedProtocol: get_buffer, then received and frames), so no bytes
+    object is made per read and a frame that spans two reads is not joined.
+    Large body frames come out as memoryviews of that buffer: their payload
+    is never copied on its way through the proxy (see retarget). A region
+    handed out is never written again: the buffer is reused from its start
+    only when no view of it is left, and replaced otherwise."""
+
+    __slots__ = (
+        "frame_max",
+        "slack",
+        "_buf",
+        "_start",
+        "_end",
+        "_offered",
+        "_last",
+        "_size",
+    )
 
     def __init__(self, frame_max: int, slack: int = 0) -> None:
         self.frame_max = frame_max
@@ -48,89 +71,155 @@ class FrameSplitter:
         # up to 8 (its FRAME_SIZE_FUDGE: a payload may be frame_max long), so
         # the proxy's client side does too.
         self.slack = slack
-        # Reads holding an incomplete frame, joined once it is all here.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._wanted = 0
+        self._buf = bytearray(MIN_READ)
+        self._start = 0  # the first byte not yet cut into a frame
+        self._end = 0  # the first byte not yet read
+        self._offered = 0  # bytes the last get_buffer offered
+        self._last = 0  # bytes the last read brought
+        self._size = MIN_READ  # what the next new buffer gets
 
-    def split(self, data: bytes) -> list[Frame]:
-        """Return the complete frames in the stream so far, keeping the rest."""
-        if not self._pending:
-            return self._cut(data)
-        self._pending_size += len(data)
-        if self._pending_size < self._wanted:
-            self._pending.append(data)
-            return []
-        if self._wanted == FRAME_OVERHEAD:  # a header was cut: rare, and small
-            self._pending.append(data)
-            joined = b"".join(self._pending)
-            self._pending = []
-            return self._cut(joined)
-        # Join just the frame that was waiting; the rest of this read is cut
-        # where it lies.
-        taken = len(data) - (self._pending_size - self._wanted)
-        self._pending.append(memoryview(data)[:taken])
-        whole = b"".join(self._pending)
-        self._pending = []
-        frames = self._cut(whole)
-        if taken < len(data):
-            frames.extend(self._cut(data[taken:] if taken < 4096 else memoryview(data)[taken:]))
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes."""
+        if self._start == self._end and self._start and not _viewed(sys.getrefcount(self._buf)):
+            self._start = self._end = 0
+        space = len(self._buf) - self._end
+        if space < self._wanted() or space * 2 < self._size:
+            self._rebuffer()
+            space = len(self._buf) - self._end
+        self._offered = space
+        return memoryview(self._buf)[self._end :]
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` were read into the last buffer get_buffer gave."""
+        self._end += nbytes
+        self._last = nbytes
+        if nbytes == self._offered:
+            self._size = min(self._size * 2, MAX_READ)
+        elif nbytes * 4 < self._size:
+            self._size = max(self._size // 2, MIN_READ)
+
+    def frames(self) -> list[Frame]:
+        """The complete frames read so far; an incomplete one stays."""
+        buf = self._buf
+        pos = self._start
+        end = self._end
+        frames: list[Frame] = []
+        unpack_header = _FRAME_HEADER.unpack_from
+        limit = self.frame_max + self.slack
+        view = None
+        while end - pos >= FRAME_OVERHEAD:
+            frame_type, channel, size = unpack_header(buf, pos)
+            if frame_type not in _FRAME_TYPES:
+                raise self._frame_error(f"type {frame_type}, all octets = <<>>")
+            if size + FRAME_OVERHEAD > limit:
+                raise self._frame_error(
+                    f"type {frame_type}, all octets = <<>>: "
+                    f"{{frame_too_large,{size},{self.frame_max - FRAME_OVERHEAD}}}"
+                )
+            last = pos + FRAME_HEADER_SIZE + size
+            if last >= end:
+                break
+            if buf[last] != FRAME_END:
+                raise self._frame_error(
+                    f"type {frame_type}, channel {channel}: bad frame end octet {buf[last]}"
+                )
+            if view is None:
+                view = memoryview(buf)
+            if frame_type == FRAME_BODY and size > LARGE_BODY:
+                frames.append((frame_type, channel, view[pos : last + 1]))
+            else:
+                frames.append((frame_type, channel, view[pos : last + 1].tobytes()))
+            pos = last + 1
+        self._start = pos
+        if pos == end and len(buf) > MIN_READ and self._last * 4 < len(buf):
+            # All cut, and a short read: the peer has gone quiet for now.
+            self._buf = bytearray(MIN_READ)
+            self._start = self._end = 0
+            self._size = MIN_READ
         return frames
 
-    def _cut(self, data: bytes | memoryview) -> list[Frame]:
+    def peek(self, size: int) -> bytes:
+        """Up to `size` bytes read but not yet cut (the protocol header)."""
+        return bytes(self._buf[self._start : min(self._start + size, self._end)])
+
+    def skip(self, size: int) -> None:
+        self._start += size
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The frames in bytes read elsewhere (a stream reader's)."""
         frames: list[Frame] = []
-        pos = 0
-        size_left = len(data)
-        is_view = type(data) is memoryview
-        view = data if is_view else None
-        unpack_header = _FRAME_HEADER.unpack_from
-        while size_left >= FRAME_OVERHEAD:
-            frame_type, channel, size = unpack_header(data, pos)
-            if frame_type not in _FRAME_TYPES:
-                raise ConnectionException(
-                    ReplyCode.FRAME_ERROR, f"type {frame_type}, all octets = <<>>"
-                )
-            if size + FRAME_OVERHEAD > self.frame_max + self.slack:
-                raise ConnectionException(
-                    ReplyCode.FRAME_ERROR,
-                    f"type {frame_type}, all octets = <<>>: "
-                    f"{{frame_too_large,{size},{self.frame_max - FRAME_OVERHEAD}}}",
-                )
-            end = pos + FRAME_HEADER_SIZE + size
-            if size_left < size + FRAME_OVERHEAD:
-                break
-            if data[end] != FRAME_END:
-                raise ConnectionException(
-                    ReplyCode.FRAME_ERROR,
-                    f"type {frame_type}, channel {channel}: bad frame end octet {data[end]}",
-                )
-            if frame_type == FRAME_BODY and size > LARGE_BODY:
-                if view is None:
-                    view = memoryview(data)
-                frames.append((frame_type, channel, view[pos : end + 1]))
-            elif is_view:
-                frames.append((frame_type, channel, bytes(data[pos : end + 1])))
-            else:
-                frames.append((frame_type, channel, data[pos : end + 1]))
-            pos = end + 1
-            size_left -= size + FRAME_OVERHEAD
-        if size_left:
-            rest = data[pos:] if pos else data
-            self._pending = [rest]
-            self._pending_size = size_left
-            # With a whole header read, the loop above has checked it: wait for
-            # the frame. Otherwise wait for enough to check the header.
-            self._wanted = (
-                FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
-                if size_left >= FRAME_OVERHEAD
-                else FRAME_OVERHEAD
-            )
+        data = memoryview(data)
+        while data:
+            space = self.get_buffer()
+            taken = min(len(space), len(data))
+            space[:taken] = data[:taken]
+            space.release()
+            self.received(taken)
+            frames.extend(self.frames())
+            data = data[taken:]
         return frames
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame held back."""
-        return self._pending_size if self._pending else 0
+        return self._end - self._start
+
+    def _wanted(self) -> int:
+        """Room the frame under way needs from its start: all of it once its
+        header is read, or room for the header."""
+        held = self._end - self._start
+        if held < FRAME_OVERHEAD:
+            return FRAME_OVERHEAD
+        size = _FRAME_HEADER.unpack_from(self._buf, self._start)[2]
+        # A size over the limit is refused by frames(): never make room for it.
+        return FRAME_OVERHEAD + min(size, self.frame_max + self.slack) - held
+
+    def _frame_error(self, text: str) -> ConnectionException:
+        # Nothing after a bad frame can be trusted: what was read is dropped.
+        self._start = self._end
+        return ConnectionException(ReplyCode.FRAME_ERROR, text)
+
+    def _rebuffer(self) -> None:
+        """Room for the next read, with the unread part moved to its start:
+        of this buffer if no frame handed out still points into it, else of
+        a new one."""
+        held = self._end - self._start
+        size = max(self._size, held + self._wanted())
+        if _fits(self._buf, size) and not _viewed(sys.getrefcount(self._buf)):
+            moved = memoryview(self._buf)
+            moved[:held] = moved[self._start : self._end]
+        else:
+            moved = memoryview(_allocate(size))
+            moved[:held] = memoryview(self._buf)[self._start : self._end]
+            self._buf = moved.obj
+        moved.release()
+        self._start, self._end = 0, held
+
+
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytearray.restype = ctypes.py_object
+
+
+def _allocate(size: int) -> bytearray:
+    """A buffer whose bytes are not zeroed first (bytearray(size) zeroes
+    them): reads write what is used of it, and zeroing would touch every page
+    of it, faulting in fresh ones whenever the allocator has just given
+    memory back. While a peer drains slowly its transport holds frames of
+    several reads, so a stream takes a new buffer for most reads."""
+    return _new_bytearray(None, size)
+
+
+def _fits(buf: bytearray, size: int) -> bool:
+    """Big enough for `size`, and not so big that it wastes memory."""
+    return size <= len(buf) <= 4 * size
+
+
+def _viewed(refcount: int) -> bool:
+    """Whether a memoryview of a buffer is alive (a frame handed out, or the
+    last read's), given its refcount as read where one name holds it: else
+    only that name and getrefcount's own argument refer to it."""
+    return refcount > 2
 
 
 def channel_bytes(channel: int) -> bytes:

@@ -24,7 +24,7 @@ from amqplex.protocol.constants import (
     ReplyCode,
 )
 from amqplex.protocol.errors import AMQPError
-from amqplex.protocol.framing import FrameSplitter, rewrite_channel
+from amqplex.protocol.framing import FrameReader, rewrite_channel
 from amqplex.worker.upstream_channel import UpstreamChannel
 from amqplex.worker.writer import BatchedWriter
 
@@ -72,13 +72,13 @@ class UpstreamRefused(Exception):
         self.method_id = method_id
 
 
-class Upstream(asyncio.Protocol):
+class Upstream(asyncio.BufferedProtocol):
     def __init__(self, pool: Pool | None, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.writer: BatchedWriter | None = None
-        self.splitter = FrameSplitter(_HANDSHAKE_FRAME_MAX)
+        self.reader = FrameReader(_HANDSHAKE_FRAME_MAX)
         self.slots: dict[int, UpstreamChannel] = {}
         self.free_ids: collections.deque[int] = collections.deque()
         self.server_properties: dict = {}
@@ -180,7 +180,7 @@ class Upstream(asyncio.Protocol):
             self.abort()
             raise
         self.pool = pool
-        self.splitter.frame_max = self.frame_max
+        self.reader.frame_max = self.frame_max
         self.free_ids.extend(range(1, self.channel_max + 1))
         self.writer = BatchedWriter(self.transport, self.loop)
         self._handshake_frames = None
@@ -308,10 +308,14 @@ class Upstream(asyncio.Protocol):
         # message, turning a stream of publishes into stop-and-go.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._last_read = self.loop.time()
+        self.reader.received(nbytes)
         try:
-            frames = self.splitter.split(data)
+            frames = self.reader.frames()
         except AMQPError as error:
             self.lose(f"broker sent a bad frame: {error.text}")
             return
@@ -411,12 +415,12 @@ async def fetch_server_properties(config: UpstreamConfig) -> dict:
     reader, writer = await asyncio.wait_for(tls.open_connection(config), config.connect_timeout)
     try:
         writer.write(PROTOCOL_HEADER)
-        splitter = FrameSplitter(_HANDSHAKE_FRAME_MAX)
+        frame_reader = FrameReader(_HANDSHAKE_FRAME_MAX)
         while True:
             data = await asyncio.wait_for(reader.read(65536), config.connect_timeout)
             if not data:
                 raise ConnectionResetError("broker closed before Connection.Start")
-            for frame_type, _, frame in splitter.split(data):
+            for frame_type, _, frame in frame_reader.feed(data):
                 if frame_type == FRAME_METHOD:
                     method = methods.decode(frame)
                     if isinstance(method, commands.Connection.Start):

@@ -1,6 +1,7 @@
-"""Frame splitting and the byte-level frame edits, as pure unit tests: valid
-streams in every chunking, and arbitrary bytes (hypothesis), which must give
-consistent frames or a 501 FRAME_ERROR and nothing else."""
+"""Frame reading and the byte-level frame edits, as pure unit tests: valid
+streams in every chunking, arbitrary bytes (hypothesis), which must give
+consistent frames or a 501 FRAME_ERROR and nothing else, and the read
+buffer's reuse, which must never change a frame already handed out."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from amqplex.protocol.constants import (
 )
 from amqplex.protocol.errors import ConnectionException
 from amqplex.protocol.framing import (
-    FrameSplitter,
+    LARGE_BODY,
+    MIN_READ,
+    FrameReader,
     channel_bytes,
     rewrite_channel,
     split_body,
@@ -61,24 +64,24 @@ def assert_consistent(frames: list, frame_max: int) -> None:
         assert len(raw) <= frame_max
 
 
-def feed(splitter: FrameSplitter, data: bytes, cuts: list[int]) -> list:
+def feed(reader: FrameReader, data: bytes, cuts: list[int]) -> list:
     """Feed `data` in the pieces the sorted offsets `cuts` make."""
     frames = []
     start = 0
     for cut in [*cuts, len(data)]:
-        frames.extend(splitter.split(data[start:cut]))
+        frames.extend(reader.feed(data[start:cut]))
         start = cut
     return frames
 
 
 def outcome(data: bytes, frame_max: int, cuts: list[int]) -> tuple:
     """("frames", frames, buffered) or ("error", code), fed in those pieces."""
-    splitter = FrameSplitter(frame_max)
+    reader = FrameReader(frame_max)
     try:
-        frames = feed(splitter, data, cuts)
+        frames = feed(reader, data, cuts)
     except ConnectionException as error:
         return ("error", error.code)
-    return ("frames", frames, splitter.buffered)
+    return ("frames", frames, reader.buffered)
 
 
 # -- valid frames ------------------------------------------------------------------
@@ -86,7 +89,7 @@ def outcome(data: bytes, frame_max: int, cuts: list[int]) -> tuple:
 
 def test_whole_stream_gives_every_frame():
     stream = sample_stream()
-    frames = FrameSplitter(4096).split(b"".join(stream))
+    frames = FrameReader(4096).feed(b"".join(stream))
     assert [raw for _, _, raw in frames] == stream
     assert [(t, c) for t, c, _ in frames] == [(1, 3), (2, 3), (3, 3), (8, 0), (3, 65535), (1, 7)]
 
@@ -95,33 +98,110 @@ def test_stream_split_at_every_byte_boundary_reassembles():
     stream = sample_stream()
     data = b"".join(stream)
     for cut in range(len(data) + 1):
-        splitter = FrameSplitter(4096)
-        frames = splitter.split(data[:cut]) + splitter.split(data[cut:])
+        reader = FrameReader(4096)
+        frames = reader.feed(data[:cut]) + reader.feed(data[cut:])
         assert [raw for _, _, raw in frames] == stream, cut
-        assert splitter.buffered == 0
+        assert reader.buffered == 0
 
 
 def test_stream_fed_one_byte_at_a_time_reassembles():
     stream = sample_stream()
     data = b"".join(stream)
-    splitter = FrameSplitter(4096)
-    frames = feed(splitter, data, list(range(1, len(data))))
+    reader = FrameReader(4096)
+    frames = feed(reader, data, list(range(1, len(data))))
     assert [raw for _, _, raw in frames] == stream
-    assert splitter.buffered == 0
+    assert reader.buffered == 0
 
 
 def test_incomplete_frame_is_held_back():
     data = make_frame(FRAME_BODY, 1, b"x" * 100)
-    splitter = FrameSplitter(4096)
-    assert splitter.split(data[:50]) == []
-    assert splitter.buffered == 50
-    assert splitter.split(data[50:]) == [(FRAME_BODY, 1, data)]
-    assert splitter.buffered == 0
+    reader = FrameReader(4096)
+    assert reader.feed(data[:50]) == []
+    assert reader.buffered == 50
+    assert reader.feed(data[50:]) == [(FRAME_BODY, 1, data)]
+    assert reader.buffered == 0
 
 
 def test_frame_of_exactly_frame_max_is_accepted():
     data = make_frame(FRAME_BODY, 1, b"x" * (4096 - FRAME_OVERHEAD))
-    assert FrameSplitter(4096).split(data) == [(FRAME_BODY, 1, data)]
+    assert FrameReader(4096).feed(data) == [(FRAME_BODY, 1, data)]
+
+
+# -- the read buffer -----------------------------------------------------------------
+
+
+def body(size: int, fill: int) -> bytes:
+    return make_frame(FRAME_BODY, 1, bytes((fill,)) * size)
+
+
+def test_large_body_is_a_view_of_the_read_buffer_not_a_copy():
+    data = body(LARGE_BODY + 1, 0x61)
+    [(_, _, frame)] = FrameReader(1 << 20).feed(data)
+    assert type(frame) is memoryview
+    assert frame == data
+
+
+def test_frame_held_elsewhere_is_never_written_over():
+    """A body still queued for a peer keeps its bytes while reads go on,
+    including the reads that make the reader start its buffer over."""
+    reader = FrameReader(1 << 20)
+    first = body(10_000, 0x61)
+    [(_, _, held)] = reader.feed(first)
+    for fill in range(0x62, 0x72):
+        frames = reader.feed(body(3_000, fill) + body(50_000, fill)[:20_000])
+        frames += reader.feed(body(50_000, fill)[20_000:])
+        assert [bytes(frame) for _, _, frame in frames] == [body(3_000, fill), body(50_000, fill)]
+        del frames
+    assert held == first
+
+
+def pump(reader: FrameReader, stream: bytes, kept: list | None = None) -> list[tuple[int, int]]:
+    """Read `stream` as from a fast peer: every read fills what is offered.
+    Returns (which buffer, how many bytes) each read was offered; the frames
+    go to `kept`, or are dropped at once, as a peer that took them all would."""
+    offered = []
+    while stream:
+        space = reader.get_buffer()
+        offered.append((id(space.obj), len(space)))
+        taken = min(len(space), len(stream))
+        space[:taken] = stream[:taken]
+        space.release()
+        reader.received(taken)
+        if kept is None:
+            reader.frames()
+        else:
+            kept.extend(reader.frames())
+        stream = stream[taken:]
+    return offered
+
+
+def test_buffer_is_read_into_again_once_no_frame_points_into_it():
+    offered = pump(FrameReader(1 << 20), body(100_000, 0x61) * 100)
+    assert len({buffer for buffer, _ in offered[-10:]}) == 1
+
+
+def test_buffer_a_frame_points_into_is_not_read_into_again():
+    kept: list = []
+    offered = pump(FrameReader(1 << 20), body(100_000, 0x61) * 100, kept)
+    assert len({buffer for buffer, _ in offered[-10:]}) == 10
+    assert all(frame == body(100_000, 0x61) for _, _, frame in kept)
+    assert len(kept) == 100
+
+
+def test_reads_grow_with_a_stream_and_shrink_when_it_stops():
+    reader = FrameReader(1 << 20)
+    offered = pump(reader, body(100_000, 0x61) * 40)
+    assert max(size for _, size in offered) >= 1 << 18
+    reader.feed(HEARTBEAT_FRAME)
+    assert len(reader.get_buffer()) <= MIN_READ
+
+
+def test_bytes_after_a_bad_frame_are_dropped():
+    reader = FrameReader(4096)
+    with pytest.raises(ConnectionException):
+        reader.feed(make_frame(9, 1, b"abc") + b"x" * 5000)
+    assert reader.buffered == 0
+    assert len(reader.get_buffer()) < 8192
 
 
 # -- errors ------------------------------------------------------------------------
@@ -140,7 +220,7 @@ def test_frame_of_exactly_frame_max_is_accepted():
 )
 def test_bad_frames_are_frame_error(data):
     with pytest.raises(ConnectionException) as raised:
-        FrameSplitter(4096).split(data)
+        FrameReader(4096).feed(data)
     assert raised.value.code == ReplyCode.FRAME_ERROR
     assert raised.value.text.startswith("FRAME_ERROR - ")
 
@@ -149,7 +229,7 @@ def test_oversized_frame_is_refused_from_its_header_alone():
     """No need to buffer a frame that can never be valid."""
     data = make_frame(FRAME_BODY, 1, b"x" * 10000)
     with pytest.raises(ConnectionException) as raised:
-        FrameSplitter(4096).split(data[:7] + b"x")
+        FrameReader(4096).feed(data[:7] + b"x")
     assert raised.value.code == ReplyCode.FRAME_ERROR
 
 
@@ -161,7 +241,7 @@ frame_maxes = st.sampled_from([8, 9, 16, 64, 4096, 131072])
 @st.composite
 def nearly_frames(draw) -> bytes:
     """Byte streams made of frame-shaped pieces, some valid, some slightly off,
-    so the splitter's checks are reached far more often than by pure noise."""
+    so the reader's checks are reached far more often than by pure noise."""
     pieces = []
     for _ in range(draw(st.integers(0, 6))):
         frame_type = draw(st.sampled_from([*FRAME_TYPES, 0, 4, 206, 255]))
@@ -185,19 +265,19 @@ def cut_points(draw, data: bytes) -> list[int]:
 @settings(max_examples=500, deadline=None)
 @given(data=streams, frame_max=frame_maxes)
 def test_arbitrary_bytes_give_consistent_frames_or_frame_error(data, frame_max):
-    splitter = FrameSplitter(frame_max)
+    reader = FrameReader(frame_max)
     try:
-        frames = splitter.split(data)
+        frames = reader.feed(data)
     except ConnectionException as error:
         assert error.code == ReplyCode.FRAME_ERROR
         return
     assert_consistent(frames, frame_max)
     consumed = sum(len(raw) for _, _, raw in frames)
     assert b"".join(raw for _, _, raw in frames) == data[:consumed]
-    assert splitter.buffered == len(data) - consumed
+    assert reader.buffered == len(data) - consumed
     # What is held back is never a complete frame.
-    assert splitter.buffered < FRAME_OVERHEAD or (
-        int.from_bytes(data[consumed + 3 : consumed + 7]) + FRAME_OVERHEAD > splitter.buffered
+    assert reader.buffered < FRAME_OVERHEAD or (
+        int.from_bytes(data[consumed + 3 : consumed + 7]) + FRAME_OVERHEAD > reader.buffered
     )
 
 
@@ -230,10 +310,10 @@ def valid_streams(draw) -> list[bytes]:
 def test_valid_stream_in_any_chunking_gives_every_frame(data, stream):
     joined = b"".join(stream)
     cuts = data.draw(cut_points(joined))
-    splitter = FrameSplitter(4096)
-    frames = feed(splitter, joined, cuts)
+    reader = FrameReader(4096)
+    frames = feed(reader, joined, cuts)
     assert [raw for _, _, raw in frames] == stream
-    assert splitter.buffered == 0
+    assert reader.buffered == 0
     assert_consistent(frames, 4096)
 
 
@@ -250,7 +330,7 @@ def test_rewrite_channel_changes_only_the_channel(frame_type, old, new, payload)
     original = make_frame(frame_type, old, payload)
     rewritten = rewrite_channel(original, channel_bytes(new))
     assert rewritten == make_frame(frame_type, new, payload)
-    assert FrameSplitter(4096).split(rewritten) == [(frame_type, new, rewritten)]
+    assert FrameReader(4096).feed(rewritten) == [(frame_type, new, rewritten)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -264,7 +344,7 @@ def test_split_body_reassembles_within_frame_max(payload, old, new, frame_max):
     frames = split_body(make_frame(FRAME_BODY, old, payload), channel_bytes(new), frame_max)
     assert frames
     assert all(len(raw) <= frame_max for raw in frames)
-    parsed = FrameSplitter(frame_max).split(b"".join(frames))
+    parsed = FrameReader(frame_max).feed(b"".join(frames))
     assert [raw for _, _, raw in parsed] == frames
     assert all(frame_type == FRAME_BODY and channel == new for frame_type, channel, _ in parsed)
     assert all(len(raw) > FRAME_OVERHEAD for raw in frames)

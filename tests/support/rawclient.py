@@ -12,13 +12,13 @@ from pamqp import commands, frame, header
 
 from amqplex.protocol.auth import Credentials, plain_response
 from amqplex.protocol.constants import FRAME_METHOD, PROTOCOL_HEADER
-from amqplex.protocol.framing import FrameSplitter
+from amqplex.protocol.framing import FrameReader
 
 
 class RawClient:
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.splitter = FrameSplitter(1 << 24)
+        self.reader = FrameReader(1 << 24)
         self.frames: list = []
         self.tune: commands.Connection.Tune | None = None
         self.start: commands.Connection.Start | None = None
@@ -63,7 +63,7 @@ class RawClient:
                 raise TimeoutError("no frame in time") from None
             if not data:
                 return None
-            self.frames.extend(self.splitter.split(data))
+            self.frames.extend(self.reader.feed(data))
         frame_type, channel, raw = self.frames.pop(0)
         if frame_type == FRAME_METHOD:
             return frame_type, channel, frame.unmarshal(raw)[2]

@@ -22,7 +22,7 @@ import typing
 
 from amqplex.protocol import methods
 from amqplex.protocol.constants import FRAME_METHOD, PROTOCOL_HEADER
-from amqplex.protocol.framing import FrameSplitter
+from amqplex.protocol.framing import FrameReader
 from tests.support.broker import BROKER_HOST, BROKER_PORT
 
 UP = "up"
@@ -74,7 +74,7 @@ class RelayConnection:
     def frames(self, direction: str) -> list[RecordedFrame]:
         """The AMQP frames of one direction so far (UP skips the 8-byte protocol
         header); an incomplete last frame is left out."""
-        splitter = FrameSplitter(1 << 30)
+        reader = FrameReader(1 << 30)
         skip = len(PROTOCOL_HEADER) if direction == UP else 0
         frames: list[RecordedFrame] = []
         for chunk in list(self.chunks[direction]):
@@ -85,7 +85,7 @@ class RelayConnection:
                 data = data[taken:]
                 if not data:
                     continue
-            for frame_type, channel, raw in splitter.split(data):
+            for frame_type, channel, raw in reader.feed(data):
                 method = methods.decode(raw) if frame_type == FRAME_METHOD else None
                 frames.append(
                     RecordedFrame(

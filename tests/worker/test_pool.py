@@ -21,7 +21,7 @@ import pytest
 from pamqp import commands, encode, frame, header
 
 from amqplex.protocol.constants import FRAME_METHOD, PROTOCOL_HEADER
-from amqplex.protocol.framing import FrameSplitter
+from amqplex.protocol.framing import FrameReader
 from tests.conftest import broker_params, proxy_params
 from tests.support import broker
 from tests.support.broker import BROKER_HOST, BROKER_PORT, rabbitmqctl
@@ -93,7 +93,7 @@ class AsyncClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.splitter = FrameSplitter(1 << 20)
+        self.frame_reader = FrameReader(1 << 20)
         self.frames: collections.deque = collections.deque()
 
     @classmethod
@@ -133,7 +133,7 @@ class AsyncClient:
                 data = await self.reader.read(65536)
                 if not data:
                     raise ConnectionError("the proxy closed the connection")
-                self.frames.extend(self.splitter.split(data))
+                self.frames.extend(self.frame_reader.feed(data))
             frame_type, channel, raw = self.frames.popleft()
             if frame_type == FRAME_METHOD:
                 return channel, frame.unmarshal(raw)[2]
