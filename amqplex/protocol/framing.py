@@ -83,7 +83,7 @@ class FrameReader:
         if self._start == self._end and self._start and not _viewed(sys.getrefcount(self._buf)):
             self._start = self._end = 0
         space = len(self._buf) - self._end
-        if space < self._wanted() or space * 2 < self._size:
+        if space < self._wanted() or space < MIN_READ or len(self._buf) * 2 <= self._size:
             self._rebuffer()
             space = len(self._buf) - self._end
         self._offered = space
