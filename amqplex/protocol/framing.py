@@ -34,6 +34,107 @@ LARGE_BODY = 2048
 Frame = tuple[int, int, bytes]
 """(frame type, channel id, the whole frame: header, payload and end octet)."""
 
+
+def cut(
+    buf: bytes | bytearray | memoryview, pos: int, end: int, frame_max: int, slack: int
+) -> tuple[list[Frame], int]:
+    """The complete frames in buf[pos:end], checked as RabbitMQ checks them
+    (501 FRAME_ERROR), and where the first incomplete one starts. Small
+    frames are copied out; large bodies are memoryviews of `buf`."""
+    frames: list[Frame] = []
+    unpack_header = _FRAME_HEADER.unpack_from
+    limit = frame_max + slack
+    while end - pos >= FRAME_OVERHEAD:
+        frame_type, channel, size = unpack_header(buf, pos)
+        if frame_type not in _FRAME_TYPES:
+            raise ConnectionException(
+                ReplyCode.FRAME_ERROR, f"type {frame_type}, all octets = <<>>"
+            )
+        if size + FRAME_OVERHEAD > limit:
+            raise ConnectionException(
+                ReplyCode.FRAME_ERROR,
+                f"type {frame_type}, all octets = <<>>: "
+                f"{{frame_too_large,{size},{frame_max - FRAME_OVERHEAD}}}",
+            )
+        last = pos + FRAME_HEADER_SIZE + size
+        if last >= end:
+            break
+        if buf[last] != FRAME_END:
+            raise ConnectionException(
+                ReplyCode.FRAME_ERROR,
+                f"type {frame_type}, channel {channel}: bad frame end octet {buf[last]}",
+            )
+        if frame_type == FRAME_BODY and size > LARGE_BODY:
+            frames.append((frame_type, channel, memoryview(buf)[pos : last + 1]))
+        else:
+            frames.append((frame_type, channel, bytes(buf[pos : last + 1])))
+        pos = last + 1
+    return frames, pos
+
+
+class FrameSplitter:
+    """Cuts frames out of the bytes the event loop read (a Protocol's
+    data_received), where they lie: only a frame that spans reads is joined.
+    Large body frames come out as memoryviews of the bytes read."""
+
+    __slots__ = ("frame_max", "slack", "_pending", "_pending_size", "_wanted")
+
+    def __init__(self, frame_max: int, slack: int = 0) -> None:
+        self.frame_max = frame_max
+        # Bytes a frame may exceed frame_max by. RabbitMQ lets clients off by
+        # up to 8 (its FRAME_SIZE_FUDGE: a payload may be frame_max long), so
+        # the proxy's client side does too.
+        self.slack = slack
+        # Reads holding an incomplete frame, joined once it is all here.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._wanted = 0
+
+    def split(self, data: bytes) -> list[Frame]:
+        """Return the complete frames in the stream so far, keeping the rest."""
+        if not self._pending:
+            return self._cut(data)
+        self._pending_size += len(data)
+        if self._pending_size < self._wanted:
+            self._pending.append(data)
+            return []
+        if self._wanted == FRAME_OVERHEAD:  # a header was cut: rare, and small
+            self._pending.append(data)
+            joined = b"".join(self._pending)
+            self._pending = []
+            return self._cut(joined)
+        # Join just the frame that was waiting; the rest of this read is cut
+        # where it lies.
+        taken = len(data) - (self._pending_size - self._wanted)
+        self._pending.append(memoryview(data)[:taken])
+        whole = b"".join(self._pending)
+        self._pending = []
+        frames = self._cut(whole)
+        if taken < len(data):
+            frames.extend(self._cut(data[taken:] if taken < 4096 else memoryview(data)[taken:]))
+        return frames
+
+    def _cut(self, data: bytes | memoryview) -> list[Frame]:
+        frames, pos = cut(data, 0, len(data), self.frame_max, self.slack)
+        if pos < len(data):
+            rest = data[pos:] if pos else data
+            self._pending = [rest]
+            self._pending_size = len(rest)
+            # With a whole header read, cut() has checked it: wait for the
+            # frame. Otherwise wait for enough to check the header.
+            self._wanted = (
+                FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
+                if len(rest) >= FRAME_OVERHEAD
+                else FRAME_OVERHEAD
+            )
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return self._pending_size if self._pending else 0
+
+
 # Sizes of the buffer a read lands in: it doubles while reads fill it and
 # halves while they use under a quarter of it, so a stream gets large reads,
 # and a connection gone quiet keeps only the smallest (a few KB per idle
@@ -43,16 +144,15 @@ MAX_READ = 1 << 18
 
 
 class FrameReader:
-    """Cuts frames out of what a peer sends, checking each frame's type, size
-    and end octet as RabbitMQ does (501 FRAME_ERROR otherwise).
+    """Cuts frames out of what a peer sends, read straight into the reader's
+    own buffer (asyncio's BufferedProtocol: get_buffer, then frames): no
+    bytes object is made per read and a frame that spans reads is not
+    joined. For an upstream, whose reads are large; a client's are mostly
+    small, and FrameSplitter costs fewer Python calls a read for those.
 
-    The kernel reads straight into the reader's buffer (asyncio's
-    BufferedProtocol: get_buffer, then received and frames), so no bytes
-    object is made per read and a frame that spans two reads is not joined.
-    Large body frames come out as memoryviews of that buffer: their payload
-    is never copied on its way through the proxy (see retarget). A region
-    handed out is never written again: the buffer is reused from its start
-    only when no view of it is left, and replaced otherwise."""
+    Large body frames come out as memoryviews of the buffer (see retarget).
+    A region handed out is never written again: the buffer is reused from
+    its start only when no view of it is left, and replaced otherwise."""
 
     __slots__ = (
         "frame_max",
@@ -71,26 +171,33 @@ class FrameReader:
         # up to 8 (its FRAME_SIZE_FUDGE: a payload may be frame_max long), so
         # the proxy's client side does too.
         self.slack = slack
-        self._buf = bytearray(MIN_READ)
+        self._buf = bytearray()  # sized by the first read
         self._start = 0  # the first byte not yet cut into a frame
         self._end = 0  # the first byte not yet read
         self._offered = 0  # bytes the last get_buffer offered
         self._last = 0  # bytes the last read brought
         self._size = MIN_READ  # what the next new buffer gets
 
-    def get_buffer(self) -> memoryview:
-        """Where the next read goes."""
-        if self._start == self._end and self._start and not _viewed(sys.getrefcount(self._buf)):
-            self._start = self._end = 0
-        space = len(self._buf) - self._end
-        if space < self._wanted() or space < MIN_READ or len(self._buf) * 2 <= self._size:
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read goes (sizehint, asyncio's, is not needed)."""
+        end = self._end
+        if self._start == end:
+            if end and not _viewed(sys.getrefcount(self._buf)):
+                self._start = self._end = end = 0
+            wanted = FRAME_OVERHEAD
+        else:
+            wanted = self._wanted()
+        space = len(self._buf) - end
+        if space < wanted or space < MIN_READ or len(self._buf) * 2 <= self._size:
             self._rebuffer()
-            space = len(self._buf) - self._end
+            end = self._end
+            space = len(self._buf) - end
         self._offered = space
-        return memoryview(self._buf)[self._end :]
+        return memoryview(self._buf)[end:]
 
     def received(self, nbytes: int) -> None:
-        """`nbytes` were read into the last buffer get_buffer gave."""
+        """`nbytes` were read into the last buffer get_buffer gave (frames()
+        can say so itself)."""
         self._end += nbytes
         self._last = nbytes
         if nbytes == self._offered:
@@ -98,52 +205,24 @@ class FrameReader:
         elif nbytes * 4 < self._size:
             self._size = max(self._size // 2, MIN_READ)
 
-    def frames(self) -> list[Frame]:
-        """The complete frames read so far; an incomplete one stays."""
+    def frames(self, nbytes: int = 0) -> list[Frame]:
+        """The complete frames read so far, after a read of `nbytes`; an
+        incomplete one stays."""
+        if nbytes:
+            self.received(nbytes)
         buf = self._buf
-        pos = self._start
-        end = self._end
-        frames: list[Frame] = []
-        unpack_header = _FRAME_HEADER.unpack_from
-        limit = self.frame_max + self.slack
-        view = None
-        while end - pos >= FRAME_OVERHEAD:
-            frame_type, channel, size = unpack_header(buf, pos)
-            if frame_type not in _FRAME_TYPES:
-                raise self._frame_error(f"type {frame_type}, all octets = <<>>")
-            if size + FRAME_OVERHEAD > limit:
-                raise self._frame_error(
-                    f"type {frame_type}, all octets = <<>>: "
-                    f"{{frame_too_large,{size},{self.frame_max - FRAME_OVERHEAD}}}"
-                )
-            last = pos + FRAME_HEADER_SIZE + size
-            if last >= end:
-                break
-            if buf[last] != FRAME_END:
-                raise self._frame_error(
-                    f"type {frame_type}, channel {channel}: bad frame end octet {buf[last]}"
-                )
-            if view is None:
-                view = memoryview(buf)
-            if frame_type == FRAME_BODY and size > LARGE_BODY:
-                frames.append((frame_type, channel, view[pos : last + 1]))
-            else:
-                frames.append((frame_type, channel, view[pos : last + 1].tobytes()))
-            pos = last + 1
-        self._start = pos
-        if pos == end and len(buf) > MIN_READ and self._last * 4 < len(buf):
+        try:
+            frames, self._start = cut(buf, self._start, self._end, self.frame_max, self.slack)
+        except ConnectionException:
+            # Nothing after a bad frame can be trusted: what was read is dropped.
+            self._start = self._end
+            raise
+        if self._start == self._end and len(buf) > MIN_READ and self._last * 4 < len(buf):
             # All cut, and a short read: the peer has gone quiet for now.
-            self._buf = bytearray(MIN_READ)
+            self._buf = bytearray()
             self._start = self._end = 0
             self._size = MIN_READ
         return frames
-
-    def peek(self, size: int) -> bytes:
-        """Up to `size` bytes read but not yet cut (the protocol header)."""
-        return bytes(self._buf[self._start : min(self._start + size, self._end)])
-
-    def skip(self, size: int) -> None:
-        self._start += size
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames in bytes read elsewhere (a stream reader's)."""
@@ -154,8 +233,7 @@ class FrameReader:
             taken = min(len(space), len(data))
             space[:taken] = data[:taken]
             space.release()
-            self.received(taken)
-            frames.extend(self.frames())
+            frames += self.frames(taken)
             data = data[taken:]
         return frames
 
@@ -165,19 +243,14 @@ class FrameReader:
         return self._end - self._start
 
     def _wanted(self) -> int:
-        """Room the frame under way needs from its start: all of it once its
-        header is read, or room for the header."""
+        """Bytes the frame under way still needs: all of it once its header
+        is read, else what completes the header."""
         held = self._end - self._start
         if held < FRAME_OVERHEAD:
-            return FRAME_OVERHEAD
+            return FRAME_OVERHEAD - held
         size = _FRAME_HEADER.unpack_from(self._buf, self._start)[2]
         # A size over the limit is refused by frames(): never make room for it.
         return FRAME_OVERHEAD + min(size, self.frame_max + self.slack) - held
-
-    def _frame_error(self, text: str) -> ConnectionException:
-        # Nothing after a bad frame can be trusted: what was read is dropped.
-        self._start = self._end
-        return ConnectionException(ReplyCode.FRAME_ERROR, text)
 
     def _rebuffer(self) -> None:
         """Room for the next read, with the unread part moved to its start:

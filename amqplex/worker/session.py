@@ -1,7 +1,7 @@
 """A client connection: the handshake the proxy answers itself, channel 0,
 the client's channel table, heartbeats, and the orderly end of it all.
 
-Where a client frame goes: buffer_updated -> FrameReader -> channel 0 here,
+Where a client frame goes: data_received -> FrameSplitter -> channel 0 here,
 or the ClientChannel for its channel id (client_channel.py) -> the upstream
 channel carrying it (upstream_channel.py) -> the upstream's batched writer.
 """
@@ -31,7 +31,7 @@ from amqplex.protocol.constants import (
     ReplyCode,
 )
 from amqplex.protocol.errors import AMQPError, ChannelException, ConnectionException
-from amqplex.protocol.framing import FrameReader, method_index
+from amqplex.protocol.framing import FrameSplitter, method_index
 from amqplex.worker.client_channel import ClientChannel
 from amqplex.worker.pool import UpstreamUnavailable
 from amqplex.worker.upstream import UpstreamRefused
@@ -65,7 +65,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class ClientSession(asyncio.BufferedProtocol):
+class ClientSession(asyncio.Protocol):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.config = worker.config.client
@@ -73,7 +73,7 @@ class ClientSession(asyncio.BufferedProtocol):
         self.state = State.HEADER
         self.transport: asyncio.Transport | None = None
         self.writer: BatchedWriter | None = None
-        self.reader = FrameReader(worker.frame_max, slack=FRAME_OVERHEAD)
+        self.splitter = FrameSplitter(worker.frame_max, slack=FRAME_OVERHEAD)
         self.channels: dict[int, ClientChannel] = {}
         self.pool: Pool | None = None
         self.credentials: Credentials | None = None
@@ -91,6 +91,7 @@ class ClientSession(asyncio.BufferedProtocol):
         # Upstreams not reading while this client catches up, and the bound on it.
         self._holding: set[Upstream] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._header = b""
         self.peer = ""
         self.started = self.loop.time()
         self.bytes_in = 0
@@ -113,17 +114,15 @@ class ClientSession(asyncio.BufferedProtocol):
         self.worker.sessions.add(self)
         self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
-        self.bytes_in += nbytes
-        self.reader.received(nbytes)
-        if self.state is State.HEADER and not self._protocol_header():
-            return
+        self.bytes_in += len(data)
+        if self.state is State.HEADER:
+            data = self._protocol_header(data)
+            if not data:
+                return
         try:
-            frames = self.reader.frames()
+            frames = self.splitter.split(data)
             self.worker.stats.frames_from_clients += len(frames)
             if self.state is State.RUNNING:
                 self._running(frames)
@@ -179,17 +178,19 @@ class ClientSession(asyncio.BufferedProtocol):
 
     # -- the handshake, answered locally (DESIGN rule 1) ----------------------------
 
-    def _protocol_header(self) -> bool:
-        """Whether the client's protocol header is read and is ours."""
-        header = self.reader.peek(len(PROTOCOL_HEADER))
-        if header != PROTOCOL_HEADER:
-            if len(header) == len(PROTOCOL_HEADER) or not PROTOCOL_HEADER.startswith(header):
+    def _protocol_header(self, data: bytes) -> bytes:
+        self._header += data
+        if len(self._header) < len(PROTOCOL_HEADER):
+            if not PROTOCOL_HEADER.startswith(self._header):
                 self._refuse_protocol()
-            return False
-        self.reader.skip(len(PROTOCOL_HEADER))
+            return b""
+        if self._header[:8] != PROTOCOL_HEADER:
+            self._refuse_protocol()
+            return b""
+        rest, self._header = self._header[8:], b""
         self.state = State.START_OK
         self.write(self.worker.start_frame)
-        return True
+        return rest
 
     def _refuse_protocol(self) -> None:
         # The spec: answer a header we cannot speak with our own, then close.
@@ -278,7 +279,7 @@ class ClientSession(asyncio.BufferedProtocol):
                 *ids,
             )
         self.frame_max = frame_max
-        self.reader.frame_max = frame_max
+        self.splitter.frame_max = frame_max
         self.channel_max = channel_max
         self.heartbeat = method.heartbeat
         self.state = State.OPEN

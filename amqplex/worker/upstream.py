@@ -79,6 +79,8 @@ class Upstream(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.writer: BatchedWriter | None = None
         self.reader = FrameReader(_HANDSHAKE_FRAME_MAX)
+        # The event loop asks for a buffer before every read: the reader's.
+        self.get_buffer = self.reader.get_buffer
         self.slots: dict[int, UpstreamChannel] = {}
         self.free_ids: collections.deque[int] = collections.deque()
         self.server_properties: dict = {}
@@ -308,14 +310,10 @@ class Upstream(asyncio.BufferedProtocol):
         # message, turning a stream of publishes into stop-and-go.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.get_buffer()
-
     def buffer_updated(self, nbytes: int) -> None:
         self._last_read = self.loop.time()
-        self.reader.received(nbytes)
         try:
-            frames = self.reader.frames()
+            frames = self.reader.frames(nbytes)
         except AMQPError as error:
             self.lose(f"broker sent a bad frame: {error.text}")
             return

@@ -27,6 +27,7 @@ from amqplex.protocol.framing import (
     LARGE_BODY,
     MIN_READ,
     FrameReader,
+    FrameSplitter,
     channel_bytes,
     rewrite_channel,
     split_body,
@@ -64,19 +65,21 @@ def assert_consistent(frames: list, frame_max: int) -> None:
         assert len(raw) <= frame_max
 
 
-def feed(reader: FrameReader, data: bytes, cuts: list[int]) -> list:
-    """Feed `data` in the pieces the sorted offsets `cuts` make."""
+def feed(reader: FrameReader | FrameSplitter, data: bytes, cuts: list[int]) -> list:
+    """Feed `data` in the pieces the sorted offsets `cuts` make: through the
+    reader's buffer, or to the splitter as the loop's bytes."""
+    read = reader.feed if isinstance(reader, FrameReader) else reader.split
     frames = []
     start = 0
     for cut in [*cuts, len(data)]:
-        frames.extend(reader.feed(data[start:cut]))
+        frames.extend(read(data[start:cut]))
         start = cut
     return frames
 
 
-def outcome(data: bytes, frame_max: int, cuts: list[int]) -> tuple:
+def outcome(data: bytes, frame_max: int, cuts: list[int], kind: type = FrameReader) -> tuple:
     """("frames", frames, buffered) or ("error", code), fed in those pieces."""
-    reader = FrameReader(frame_max)
+    reader = kind(frame_max)
     try:
         frames = feed(reader, data, cuts)
     except ConnectionException as error:
@@ -288,6 +291,23 @@ def test_any_chunking_gives_the_same_outcome(data, stream, frame_max):
     whole = outcome(stream, frame_max, [])
     chunked = outcome(stream, frame_max, cuts)
     assert chunked == whole
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data(), stream=streams, frame_max=frame_maxes)
+def test_splitter_gives_what_the_reader_gives(data, stream, frame_max):
+    cuts = data.draw(cut_points(stream))
+    assert outcome(stream, frame_max, cuts, FrameSplitter) == outcome(stream, frame_max, [])
+
+
+def test_splitter_holds_back_only_the_frame_that_spans_reads():
+    reader = FrameSplitter(1 << 20)
+    first, second = body(10_000, 0x61), body(10_000, 0x62)
+    frames = reader.split(first + second[:100])
+    assert reader.buffered == 100
+    frames += reader.split(second[100:] + HEARTBEAT_FRAME)
+    assert reader.buffered == 0
+    assert [bytes(frame) for _, _, frame in frames] == [first, second, HEARTBEAT_FRAME]
 
 
 @st.composite
