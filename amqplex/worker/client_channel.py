@@ -28,6 +28,7 @@ from amqplex.protocol.constants import (
 from amqplex.protocol.content import check_header
 from amqplex.protocol.errors import ChannelException, ConnectionException
 from amqplex.protocol.framing import (
+    DELIVERIES,
     body_header,
     channel_bytes,
     method_index,
@@ -55,7 +56,6 @@ _BASIC_GET = commands.Basic.Get.index
 _BASIC_CONSUME_OK = commands.Basic.ConsumeOk.index
 _TX_COMMIT = commands.Tx.Commit.index
 _TX_COMMIT_OK = commands.Tx.CommitOk.index
-_DELIVERIES = frozenset((commands.Basic.Deliver.index, commands.Basic.GetOk.index))
 # Methods that name a queue: another client's exclusive queue is off limits.
 _NAMES_QUEUE = frozenset(
     m.index
@@ -131,7 +131,7 @@ class ClientChannel:
         is still on its way and will be passed on; otherwise the slot was
         already open and the client is answered now."""
         self.slot = slot
-        slot.client = self
+        slot.attach(self)
         self.answer_open = answer_open
         if not answer_open:
             self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
@@ -346,7 +346,7 @@ class ClientChannel:
                 if self.declares.popleft():
                     queue = methods.decode(frame).queue
                     session.pool.own(queue, session, self.slot.upstream)
-            elif index in _DELIVERIES:
+            elif index in DELIVERIES:
                 session.worker.stats.messages_delivered += 1
             elif index == _BASIC_CONSUME_OK:
                 self.consumer_tags.add(methods.decode(frame).consumer_tag)

@@ -436,6 +436,12 @@ class ClientSession(asyncio.Protocol):
         self.bytes_out += sum(map(len, pieces))
         self.writer.write_many(pieces)
 
+    def forward(self, frames: bytes | memoryview) -> None:
+        """Frames from the broker already on this client's channel ids (a
+        run cut_routed made; the upstream counted them)."""
+        self.bytes_out += len(frames)
+        self.writer.write(frames)
+
     def pause_reading(self) -> None:
         if self._reading and not self.transport.is_closing():
             self._reading = False

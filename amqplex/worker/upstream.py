@@ -1,7 +1,9 @@
 """One long-lived AMQP connection to the broker, shared by many clients'
 channels. It dials and authenticates with one (user, password, vhost), hands
 out channel ids, keeps its heartbeat with the broker, and routes each frame
-it reads to the UpstreamChannel that owns the frame's channel id."""
+it reads: deliveries and content on a channel a client holds go straight to
+that client's session, renumbered in the read buffer (routes, cut_routed);
+anything else to the UpstreamChannel that owns the frame's channel id."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from amqplex.protocol.constants import (
     ReplyCode,
 )
 from amqplex.protocol.errors import AMQPError
-from amqplex.protocol.framing import FrameReader, rewrite_channel
+from amqplex.protocol.framing import ROUTED, FrameReader, Route, rewrite_channel
 from amqplex.worker.upstream_channel import UpstreamChannel
 from amqplex.worker.writer import BatchedWriter
 
@@ -82,6 +84,9 @@ class Upstream(asyncio.BufferedProtocol):
         # The event loop asks for a buffer before every read: the reader's.
         self.get_buffer = self.reader.get_buffer
         self.slots: dict[int, UpstreamChannel] = {}
+        # Channels whose frames from the broker go straight to their client's
+        # session, renumbered where they were read (see UpstreamChannel.attach).
+        self.routes: dict[int, Route] = {}
         self.free_ids: collections.deque[int] = collections.deque()
         self.server_properties: dict = {}
         self.channel_max = 0
@@ -313,17 +318,23 @@ class Upstream(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._last_read = self.loop.time()
         try:
-            frames = self.reader.frames(nbytes)
+            if self._handshake_frames is not None:
+                for frame in self.reader.frames(nbytes):
+                    self._handshake_frames.put_nowait(frame)
+                return
+            items, routed, deliveries = self.reader.routed(nbytes, self.routes)
         except AMQPError as error:
             self.lose(f"broker sent a bad frame: {error.text}")
             return
-        if self._handshake_frames is not None:
-            for frame in frames:
-                self._handshake_frames.put_nowait(frame)
-            return
+        if routed:
+            stats = self.pool.worker.stats
+            stats.frames_to_clients += routed
+            stats.messages_delivered += deliveries
         slots = self.slots
-        for frame_type, channel, frame in frames:
-            if channel:
+        for frame_type, channel, frame in items:
+            if frame_type == ROUTED:
+                channel.forward(frame)  # a run of frames; `channel` is their session
+            elif channel:
                 slot = slots.get(channel)
                 if slot is not None:
                     slot.from_broker(frame_type, frame)

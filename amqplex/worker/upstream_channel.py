@@ -64,6 +64,19 @@ class UpstreamChannel:
         # Opened by the pool to be idle (counted in pool.idle_opening).
         self.for_idle = False
 
+    def attach(self, client: ClientChannel) -> None:
+        """Carry `client`'s channel. What the broker sends on it then goes
+        straight to the client's session unless the proxy must act on it
+        (Upstream.routes, framing.cut_routed), or unless the client took a
+        frame_max smaller than the broker's and bodies must be re-cut."""
+        self.client = client
+        if client.session.frame_max >= self.upstream.frame_max:
+            self.upstream.routes[self.uid] = (client.cid >> 8, client.cid & 0xFF, client.session)
+
+    def detach(self) -> None:
+        self.client = None
+        self.upstream.routes.pop(self.uid, None)
+
     def write(self, frame: bytes) -> None:
         self.upstream.writer.write(frame)
 
@@ -137,14 +150,14 @@ class UpstreamChannel:
     def recycle(self) -> None:
         """Its client is done and changed no channel state: probe it, and
         make it idle once the probe comes back clean."""
-        self.client = None
+        self.detach()
         self.probing = True
         self.write(rewrite_channel(_PROBE, self.uid_bytes))
 
     def close(self) -> None:
         """Close with no client attached: the client left, or it was a
         janitor channel. Answers a pending broker Close instead if there is one."""
-        self.client = None
+        self.detach()
         if self.owes_close_ok:
             self.client_close_ok()
             return
@@ -155,7 +168,8 @@ class UpstreamChannel:
 
     def _release_if_done(self) -> None:
         if not self.owes_close_ok and not self.awaiting_close_ok:
-            client, self.client = self.client, None
+            client = self.client
+            self.detach()
             self.upstream.release(self)
             if client is not None:
                 client.slot_released()

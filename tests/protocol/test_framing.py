@@ -24,11 +24,15 @@ from amqplex.protocol.constants import (
 )
 from amqplex.protocol.errors import ConnectionException
 from amqplex.protocol.framing import (
+    DELIVERIES,
     LARGE_BODY,
     MIN_READ,
+    ROUTED,
     FrameReader,
     FrameSplitter,
     channel_bytes,
+    cut,
+    cut_routed,
     rewrite_channel,
     split_body,
 )
@@ -71,9 +75,9 @@ def feed(reader: FrameReader | FrameSplitter, data: bytes, cuts: list[int]) -> l
     read = reader.feed if isinstance(reader, FrameReader) else reader.split
     frames = []
     start = 0
-    for cut in [*cuts, len(data)]:
-        frames.extend(read(data[start:cut]))
-        start = cut
+    for point in [*cuts, len(data)]:
+        frames.extend(read(data[start:point]))
+        start = point
     return frames
 
 
@@ -100,10 +104,10 @@ def test_whole_stream_gives_every_frame():
 def test_stream_split_at_every_byte_boundary_reassembles():
     stream = sample_stream()
     data = b"".join(stream)
-    for cut in range(len(data) + 1):
+    for point in range(len(data) + 1):
         reader = FrameReader(4096)
-        frames = reader.feed(data[:cut]) + reader.feed(data[cut:])
-        assert [raw for _, _, raw in frames] == stream, cut
+        frames = reader.feed(data[:point]) + reader.feed(data[point:])
+        assert [raw for _, _, raw in frames] == stream, point
         assert reader.buffered == 0
 
 
@@ -376,3 +380,105 @@ def test_split_body_reassembles_within_frame_max(payload, old, new, frame_max):
 def test_split_body_of_a_small_frame_is_one_frame_on_the_new_channel():
     original = make_frame(FRAME_BODY, 5, b"abc")
     assert split_body(original, channel_bytes(9), 4096) == [make_frame(FRAME_BODY, 9, b"abc")]
+
+
+# -- routing a broker's stream (cut_routed) ---------------------------------------------
+
+
+def deliver(channel: int) -> bytes:
+    return frame.marshal(
+        commands.Basic.Deliver(consumer_tag="c", delivery_tag=1, exchange="", routing_key="q"),
+        channel,
+    )
+
+
+@st.composite
+def broker_streams(draw) -> list[bytes]:
+    """Frames as a broker sends them, on a few channels: deliveries and
+    their content, large bodies, and methods the proxy must see."""
+    channel = st.integers(0, 3)
+    return draw(
+        st.lists(
+            st.one_of(
+                st.builds(deliver, channel),
+                st.builds(lambda ch: frame.marshal(commands.Channel.CloseOk(), ch), channel),
+                st.builds(make_frame, st.just(FRAME_HEADER), channel, st.binary(max_size=30)),
+                st.builds(
+                    make_frame,
+                    st.just(FRAME_BODY),
+                    channel,
+                    st.one_of(st.binary(max_size=30), st.just(b"b" * (LARGE_BODY + 1))),
+                ),
+                st.just(HEARTBEAT_FRAME),
+            ),
+            max_size=12,
+        )
+    )
+
+
+def expected_routing(frames: list, routes: dict) -> list:
+    """What cut_routed must give, frame by frame: (whom to, renumbered
+    frame) for a routed one, ("proxy", frame) for the rest."""
+    pieces = []
+    for frame_type, channel, raw in frames:
+        route = routes.get(channel)
+        index = int.from_bytes(raw[7:11]) if frame_type == FRAME_METHOD else None
+        if route is None or index not in (None, *DELIVERIES):
+            pieces.append(("proxy", bytes(raw)))
+        else:
+            high, low, target = route
+            pieces.append((target, bytes(raw[:1]) + bytes((high, low)) + bytes(raw[3:])))
+    return pieces
+
+
+def merged(pieces: list) -> list:
+    """Consecutive pieces for one client joined: how they reach its socket."""
+    out = []
+    for whom, data in pieces:
+        if out and whom != "proxy" and out[-1][0] == whom:
+            out[-1] = (whom, out[-1][1] + data)
+        else:
+            out.append((whom, data))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=broker_streams(),
+    routed_channels=st.sets(st.integers(1, 3)),
+    data=st.data(),
+)
+def test_routing_gives_each_client_its_frames_renumbered_and_the_proxy_the_rest_in_order(
+    stream, routed_channels, data
+):
+    routes = {ch: (0, 100 + ch, f"client {ch}") for ch in routed_channels}
+    joined = b"".join(stream)
+    frames, _ = cut(joined, 0, len(joined), 131072, 0)
+    next_frame = make_frame(FRAME_BODY, 1, b"next")
+    buf = bytearray(joined + next_frame[: data.draw(st.integers(0, len(next_frame) - 1))])
+    items, pos, routed, deliveries = cut_routed(buf, 0, len(buf), 131072, routes)
+    assert pos == len(joined)
+    pieces = [
+        (whom, bytes(raw)) if kind == ROUTED else ("proxy", bytes(raw)) for kind, whom, raw in items
+    ]
+    assert merged(pieces) == merged(expected_routing(frames, routes))
+    assert routed == sum(1 for whom, _ in expected_routing(frames, routes) if whom != "proxy")
+    assert deliveries == sum(
+        1
+        for frame_type, channel, raw in frames
+        if channel in routes and frame_type == FRAME_METHOD and raw[7:11] == deliver(0)[7:11]
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(stream=streams, frame_max=frame_maxes, routed_channels=st.sets(st.integers(0, 65535)))
+def test_routing_refuses_what_cut_refuses(stream, frame_max, routed_channels):
+    routes = {ch: (0, 1, "client") for ch in routed_channels}
+
+    def result(fn, *args):
+        try:
+            return fn(bytearray(stream), 0, len(stream), frame_max, *args)[1]
+        except ConnectionException as error:
+            return error.code, error.text
+
+    assert result(cut_routed, routes) == result(cut, 0)
