@@ -48,6 +48,8 @@ def cut(
     frames: list[Frame] = []
     unpack_header = _FRAME_HEADER.unpack_from
     limit = frame_max + slack
+    # A slice of bytes is a copy already; of anything else, bytes() makes one.
+    is_bytes = type(buf) is bytes
     while end - pos >= FRAME_OVERHEAD:
         frame_type, channel, size = unpack_header(buf, pos)
         if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > limit:
@@ -60,7 +62,8 @@ def cut(
         if frame_type == FRAME_BODY and size > LARGE_BODY:
             frames.append((frame_type, channel, memoryview(buf)[pos : last + 1]))
         else:
-            frames.append((frame_type, channel, bytes(buf[pos : last + 1])))
+            raw = buf[pos : last + 1]
+            frames.append((frame_type, channel, raw if is_bytes else bytes(raw)))
         pos = last + 1
     return frames, pos
 
