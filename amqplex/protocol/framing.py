@@ -78,17 +78,21 @@ they get, whom to)."""
 
 
 def cut_routed(
-    buf: bytearray, pos: int, end: int, frame_max: int, routes: dict[int, Route]
+    buf: bytearray,
+    pos: int,
+    end: int,
+    frame_max: int,
+    routes: dict[int, Route],
+    watched: frozenset[int],
 ) -> tuple[list, int, int, int]:
     """cut() for a broker's stream, most of which only needs its channel ids
     changed: a frame on a channel in `routes` gets its new id written in
     place, and consecutive ones on that channel leave as one piece,
     (ROUTED, whom to, bytes), where the rest of the proxy never sees them
-    frame by frame. Method frames other than deliveries, which the proxy
-    may have to act on, and frames on other channels come out as cut()
-    gives them, in stream order. Also returns where the first incomplete
-    frame starts, how many frames were routed and how many of them were
-    deliveries."""
+    frame by frame. The methods in `watched`, which the proxy acts on, and
+    frames on other channels come out as cut() gives them, in stream order.
+    Also returns where the first incomplete frame starts, how many frames
+    were routed and how many of them were deliveries."""
     items: list = []
     unpack_header = _FRAME_HEADER.unpack_from
     unpack_index = _UINT32.unpack_from
@@ -119,7 +123,7 @@ def cut_routed(
                 high, low, target = route
         if run_channel < 0 or (
             frame_type == FRAME_METHOD
-            and unpack_index(buf, pos + FRAME_HEADER_SIZE)[0] not in DELIVERIES
+            and (index := unpack_index(buf, pos + FRAME_HEADER_SIZE)[0]) in watched
         ):
             # Not routed: as cut() gives it, after the run before it.
             if run_start < pos:
@@ -134,7 +138,8 @@ def cut_routed(
         buf[pos + 2] = low
         routed += 1
         if frame_type == FRAME_METHOD:
-            deliveries += 1
+            if index in DELIVERIES:
+                deliveries += 1
         elif frame_type == FRAME_BODY and size > LARGE_BODY:
             # Its payload is not copied: the piece is a view of the buffer.
             if run_start < pos:
@@ -310,13 +315,15 @@ class FrameReader:
         self._all_cut()
         return frames
 
-    def routed(self, nbytes: int, routes: dict[int, Route]) -> tuple[list, int, int]:
+    def routed(
+        self, nbytes: int, routes: dict[int, Route], watched: frozenset[int]
+    ) -> tuple[list, int, int]:
         """frames() with `routes` applied (see cut_routed): the frames and
         runs, how many frames were routed, and how many were deliveries."""
         self.received(nbytes)
         try:
             items, self._start, routed, deliveries = cut_routed(
-                self._buf, self._start, self._end, self.frame_max, routes
+                self._buf, self._start, self._end, self.frame_max, routes, watched
             )
         except ConnectionException:
             self._drop()

@@ -69,6 +69,8 @@ _NAMES_QUEUE = frozenset(
         commands.Basic.Get,
     )
 )
+# The broker's methods from_broker acts on: never routed past it.
+WATCHED = frozenset((_QUEUE_DECLARE_OK, _BASIC_CONSUME_OK, _BASIC_CANCEL, _TX_COMMIT_OK))
 _OPEN_OK = methods.encode(0, commands.Channel.OpenOk())
 _CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
 

@@ -27,6 +27,7 @@ from amqplex.protocol.constants import (
 )
 from amqplex.protocol.errors import AMQPError
 from amqplex.protocol.framing import ROUTED, FrameReader, Route, rewrite_channel
+from amqplex.worker import client_channel, upstream_channel
 from amqplex.worker.upstream_channel import UpstreamChannel
 from amqplex.worker.writer import BatchedWriter
 
@@ -60,6 +61,9 @@ _CHANNEL_CLOSE = methods.encode(
     0, commands.Channel.Close(reply_code=200, reply_text="Goodbye", class_id=0, method_id=0)
 )
 _CHANNEL_CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
+# Methods from the broker that the two sides of a channel act on; all others
+# on a client's channel go straight to its session.
+_WATCHED = upstream_channel.WATCHED | client_channel.WATCHED
 
 
 class UpstreamRefused(Exception):
@@ -322,7 +326,7 @@ class Upstream(asyncio.BufferedProtocol):
                 for frame in self.reader.frames(nbytes):
                     self._handshake_frames.put_nowait(frame)
                 return
-            items, routed, deliveries = self.reader.routed(nbytes, self.routes)
+            items, routed, deliveries = self.reader.routed(nbytes, self.routes, _WATCHED)
         except AMQPError as error:
             self.lose(f"broker sent a bad frame: {error.text}")
             return
