@@ -13,6 +13,7 @@ from bench.context import Bench, CpuMeter, gen_cpu, median, percentile
 from bench.daemon import Daemon
 from bench.relay import Relay
 from bench.report import Row, Target
+from bench.stub import Stub
 from bench.wire import Wire
 
 MESSAGE_SIZE = 64
@@ -72,14 +73,18 @@ def measure(
     concurrency: int,
     seconds: float,
     meter: CpuMeter | None = None,
+    delivers: bool = True,
 ) -> Churn:
-    """`concurrency` processes churning against `addr` for `seconds`."""
+    """`concurrency` processes churning against `addr` for `seconds`; unless
+    the peer is one that `delivers` nothing (the stub), every cycle's
+    message must be in the queue after."""
     queue = bench.admin.queue(label)
     meter = meter or bench.meter()
     try:
         args = [(addr, queue, seconds)] * concurrency
         _, results = procs.run(label, churn_worker, args, seconds + bench.profile.timeout, meter)
-        bench.admin.verify({queue: sum(r["published"] for r in results)})
+        if delivers:
+            bench.admin.verify({queue: sum(r["published"] for r in results)})
     finally:
         bench.admin.delete(queue)
     times = [t for r in results for t in r["times"]]
@@ -101,12 +106,21 @@ def _report(bench: Bench, scenario: str, runs: dict[str, Churn], rate: Target, m
     bench.add(Row(scenario, "cycles/s", "1/s", direct.rate, proxy.rate, rate))
     bench.add(Row(scenario, "median cycle", "ms", direct.median_ms, proxy.median_ms, med))
     bench.add(Row(scenario, "p99 cycle", "ms", direct.p99_ms, proxy.p99_ms))
+    if "stub" in runs:
+        # What the same clients get from canned replies: the machine's ceiling.
+        stub = runs["stub"]
+        reference = "canned-reply stub (reference)"
+        bench.add(Row(scenario, f"cycles/s, {reference}", "1/s", direct.rate, stub.rate))
+        bench.add(
+            Row(scenario, f"median cycle, {reference}", "ms", direct.median_ms, stub.median_ms)
+        )
     for label, run in runs.items():
         cores = ", ".join(
             f"{name} {used:.2f} ({used / run.rate * 1000:.2f} ms/cycle)"
             for name, used in run.cpu.items()
         )
-        bench.note(f"{scenario} {label}: {run.cycles} cycles verified; cores used: {cores}")
+        checked = "answered (the stub keeps nothing)" if label == "stub" else "verified"
+        bench.note(f"{scenario} {label}: {run.cycles} cycles {checked}; cores used: {cores}")
 
 
 def run_churn(bench: Bench) -> None:
@@ -115,6 +129,7 @@ def run_churn(bench: Bench) -> None:
         label: measure(bench, f"churn.{label}", addr, profile.churn_procs, profile.churn_seconds)
         for label, addr in bench.targets()
     }
+    runs["stub"] = _stub_run(bench, "churn.stub", profile.churn_procs, profile.churn_seconds)
     _report(bench, "churn", runs, Target(ratio_at_least=6), Target())
 
 
@@ -131,4 +146,13 @@ def run_rtt(bench: Bench) -> None:
                 )
             except procs.BenchError as error:
                 raise procs.BenchError(f"{error}\namqplexd log:\n{proxy.log_tail()}") from None
+    runs["stub"] = _stub_run(bench, "rtt.stub", profile.rtt_procs, profile.rtt_seconds)
     _report(bench, "churn-10ms-rtt", runs, Target(), Target(at_most=1.5))
+
+
+def _stub_run(bench: Bench, label: str, concurrency: int, seconds: float) -> Churn:
+    """The same churn answered by canned bytes (stub.py): what this machine
+    allows any implementation, measured in the same run."""
+    with Stub() as stub:
+        meter = bench.meter(stub=[stub.pid])
+        return measure(bench, label, stub.addr, concurrency, seconds, meter, delivers=False)

@@ -141,3 +141,45 @@ def run(
         if meter is not None:
             meter.end()
         return started, results
+
+
+SERVER_START_TIMEOUT = 10.0
+
+
+class ChildServer:
+    """A loopback server run in a child process by serve(*args, report),
+    which calls report.send(port) once it listens; stopped on exit."""
+
+    name = "server"
+
+    def __init__(self, serve: Callable, *args: Any) -> None:
+        self._serve = serve
+        self._args = args
+        self.port = 0
+        self._proc = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def __enter__(self) -> ChildServer:
+        receive, send = CTX.Pipe(duplex=False)
+        self._proc = CTX.Process(target=self._serve, args=(*self._args, send), daemon=True)
+        self._proc.start()
+        if not receive.poll(SERVER_START_TIMEOUT):
+            self.__exit__()
+            raise BenchError(f"{self.name} did not start")
+        self.port = receive.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()

@@ -15,9 +15,8 @@ import contextlib
 import math
 import signal
 
-from bench.procs import CTX, BenchError
+from bench.procs import ChildServer
 
-START_TIMEOUT = 10.0
 TICK = 0.001  # s: delayed chunks leave on whole ticks
 
 
@@ -120,41 +119,14 @@ def _serve(target: tuple[str, int], delay: float, report) -> None:  # noqa: ANN0
     loop.run_forever()
 
 
-class Relay:
+class Relay(ChildServer):
     """The delaying relay in front of `target`, in a child process."""
 
+    name = "relay"
+
     def __init__(self, target: tuple[str, int], delay: float) -> None:
-        self.target = target
-        self.delay = delay
-        self.port = 0
-        self._proc = None
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
+        super().__init__(_serve, target, delay)
 
     @property
     def url(self) -> str:
         return f"amqp://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Relay:
-        receive, send = CTX.Pipe(duplex=False)
-        self._proc = CTX.Process(target=_serve, args=(self.target, self.delay, send), daemon=True)
-        self._proc.start()
-        if not receive.poll(START_TIMEOUT):
-            self.__exit__()
-            raise BenchError("relay did not start")
-        self.port = receive.recv()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join()
