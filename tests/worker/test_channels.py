@@ -575,3 +575,46 @@ def test_next_client_never_sees_a_departed_clients_404(
         assert broker_close.method.reply_code == 404
     for conn in amqp_connections(relay):
         assert replay_channels(conn)[1] == []
+
+
+def test_consumers_sharing_an_upstream_get_their_deliveries_on_their_own_channel_ids(
+    fresh_amqplexd, relay, user
+):
+    """Deliveries are renumbered in the proxy's read buffer, a run of frames
+    at a time (framing.cut_routed): each client still gets exactly its own
+    messages, whole and in order, on the channel ids it opened."""
+    daemon = fresh_amqplexd(upstream=relay.url)
+    queues = {name: f"amqplex-routes-{name}-{uuid.uuid4().hex[:8]}" for name in "abc"}
+    admin = pika.BlockingConnection(broker_params())
+    try:
+        channel = admin.channel()
+        for queue in queues.values():
+            channel.queue_declare(queue, auto_delete=True)
+        with RawClient(daemon.port) as first, RawClient(daemon.port) as second:
+            # (client, its channel id, the queue it consumes)
+            consumers = [(first, 7, "a"), (second, 3, "b"), (second, 9, "c")]
+            for client in (first, second):
+                client.handshake(user.name, user.password)
+            for client, cid, name in consumers:
+                client.open_channel(cid)
+                client.method(cid, commands.Basic.Consume(queue=queues[name], no_ack=True))
+                client.expect(commands.Basic.ConsumeOk)
+            assert len(amqp_connections(relay)) == 1, "the consumers do not share an upstream"
+
+            count = 50
+            for i in range(count):  # interleaved, so the broker's stream mixes channels
+                for name, queue in queues.items():
+                    channel.basic_publish("", queue, f"{name}-{i}".encode() * (1 + i % 7))
+            for client, cids in ((first, {7}), (second, {3, 9})):
+                bodies: dict[int, list[bytes]] = {cid: [] for cid in cids}
+                while sum(map(len, bodies.values())) < count * len(cids):
+                    frame_type, cid, value = client.read_frame()
+                    assert cid in cids, f"a frame on channel {cid}, which this client never opened"
+                    if frame_type == 3:
+                        bodies[cid].append(bytes(value[7:-1]))
+                for client_, cid, name in consumers:
+                    if client_ is client:
+                        expected = [f"{name}-{i}".encode() * (1 + i % 7) for i in range(count)]
+                        assert bodies[cid] == expected
+    finally:
+        admin.close()
