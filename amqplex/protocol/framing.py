@@ -29,6 +29,8 @@ _FRAME_HEADER = struct.Struct(">BHI")
 _CHANNEL = struct.Struct(">H")
 _UINT32 = struct.Struct(">I")
 _FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
+# A method frame's payload starts with its class and method id.
+_METHOD_ID_SIZE = 4
 # The methods that carry a message to a client.
 DELIVERIES = frozenset((commands.Basic.Deliver.index, commands.Basic.GetOk.index))
 
@@ -59,6 +61,8 @@ def cut(
             break
         if buf[last] != FRAME_END:
             raise _bad_end(frame_type, channel, buf[last])
+        if size < _METHOD_ID_SIZE and frame_type == FRAME_METHOD:
+            raise _no_method_id(buf, pos, size)
         if frame_type == FRAME_BODY and size > LARGE_BODY:
             frames.append((frame_type, channel, memoryview(buf)[pos : last + 1]))
         else:
@@ -82,6 +86,7 @@ def cut_routed(
     pos: int,
     end: int,
     frame_max: int,
+    slack: int,
     routes: dict[int, Route],
     watched: frozenset[int],
 ) -> tuple[list, int, int, int]:
@@ -96,6 +101,7 @@ def cut_routed(
     items: list = []
     unpack_header = _FRAME_HEADER.unpack_from
     unpack_index = _UINT32.unpack_from
+    limit = frame_max + slack
     view = memoryview(buf)
     run_channel = -1  # the routed channel of the frames since run_start
     run_start = pos
@@ -104,13 +110,15 @@ def cut_routed(
     routed = deliveries = 0
     while end - pos >= FRAME_OVERHEAD:
         frame_type, channel, size = unpack_header(buf, pos)
-        if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > frame_max:
-            raise _bad_header(frame_type, size, frame_max, frame_max)
+        if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > limit:
+            raise _bad_header(frame_type, size, frame_max, limit)
         last = pos + FRAME_HEADER_SIZE + size
         if last >= end:
             break
         if buf[last] != FRAME_END:
             raise _bad_end(frame_type, channel, buf[last])
+        if size < _METHOD_ID_SIZE and frame_type == FRAME_METHOD:
+            raise _no_method_id(buf, pos, size)
         if channel != run_channel:
             if run_start < pos:
                 items.append((ROUTED, target, view[run_start:pos].tobytes()))
@@ -159,6 +167,16 @@ def _bad_header(frame_type: int, size: int, frame_max: int, limit: int) -> Conne
         ReplyCode.FRAME_ERROR,
         f"type {frame_type}, all octets = <<>>: "
         f"{{frame_too_large,{size},{frame_max - FRAME_OVERHEAD}}}",
+    )
+
+
+def _no_method_id(buf: bytes | bytearray | memoryview, pos: int, size: int) -> ConnectionException:
+    """A method frame too short to hold a method id, in RabbitMQ's words."""
+    octets = ",".join(
+        map(str, bytes(buf[pos + FRAME_HEADER_SIZE : pos + FRAME_HEADER_SIZE + size]))
+    )
+    return ConnectionException(
+        ReplyCode.FRAME_ERROR, f"type {FRAME_METHOD}, all octets = <<{octets}>>: unknown_frame"
     )
 
 
@@ -323,7 +341,7 @@ class FrameReader:
         self.received(nbytes)
         try:
             items, self._start, routed, deliveries = cut_routed(
-                self._buf, self._start, self._end, self.frame_max, routes, watched
+                self._buf, self._start, self._end, self.frame_max, self.slack, routes, watched
             )
         except ConnectionException:
             self._drop()

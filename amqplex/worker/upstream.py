@@ -1,9 +1,10 @@
 """One long-lived AMQP connection to the broker, shared by many clients'
 channels. It dials and authenticates with one (user, password, vhost), hands
 out channel ids, keeps its heartbeat with the broker, and routes each frame
-it reads: deliveries and content on a channel a client holds go straight to
-that client's session, renumbered in the read buffer (routes, cut_routed);
-anything else to the UpstreamChannel that owns the frame's channel id."""
+it reads: what the broker sends on a channel a client holds goes straight to
+that client's session, renumbered in the read buffer (routes, cut_routed),
+except the methods the proxy acts on (_WATCHED), which go, like everything
+else, to the UpstreamChannel that owns the frame's channel id."""
 
 from __future__ import annotations
 

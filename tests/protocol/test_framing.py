@@ -315,18 +315,18 @@ def test_splitter_holds_back_only_the_frame_that_spans_reads():
 
 
 @st.composite
+def valid_frames(draw, max_payload: int = 200) -> bytes:
+    """Any frame type on any channel; a method frame's payload holds at
+    least a method id."""
+    frame_type = draw(st.sampled_from(FRAME_TYPES))
+    least = 4 if frame_type == FRAME_METHOD else 0
+    payload = draw(st.binary(min_size=least, max_size=max(least, max_payload)))
+    return make_frame(frame_type, draw(st.integers(0, 65535)), payload)
+
+
+@st.composite
 def valid_streams(draw) -> list[bytes]:
-    return draw(
-        st.lists(
-            st.builds(
-                make_frame,
-                st.sampled_from(FRAME_TYPES),
-                st.integers(0, 65535),
-                st.binary(max_size=200),
-            ),
-            max_size=8,
-        )
-    )
+    return draw(st.lists(valid_frames(), max_size=8))
 
 
 @settings(max_examples=300, deadline=None)
@@ -344,17 +344,11 @@ def test_valid_stream_in_any_chunking_gives_every_frame(data, stream):
 # -- byte-level edits ----------------------------------------------------------------
 
 
-@given(
-    frame_type=st.sampled_from(FRAME_TYPES),
-    old=st.integers(0, 65535),
-    new=st.integers(0, 65535),
-    payload=st.binary(max_size=100),
-)
-def test_rewrite_channel_changes_only_the_channel(frame_type, old, new, payload):
-    original = make_frame(frame_type, old, payload)
+@given(original=valid_frames(max_payload=100), new=st.integers(0, 65535))
+def test_rewrite_channel_changes_only_the_channel(original, new):
     rewritten = rewrite_channel(original, channel_bytes(new))
-    assert rewritten == make_frame(frame_type, new, payload)
-    assert FrameReader(4096).feed(rewritten) == [(frame_type, new, rewritten)]
+    assert rewritten == original[:1] + channel_bytes(new) + original[3:]
+    assert FrameReader(4096).feed(rewritten) == [(original[0], new, rewritten)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -460,7 +454,7 @@ def test_routing_gives_each_client_its_frames_renumbered_and_the_proxy_the_rest_
     frames, _ = cut(joined, 0, len(joined), 131072, 0)
     next_frame = make_frame(FRAME_BODY, 1, b"next")
     buf = bytearray(joined + next_frame[: data.draw(st.integers(0, len(next_frame) - 1))])
-    items, pos, routed, deliveries = cut_routed(buf, 0, len(buf), 131072, routes, WATCHED)
+    items, pos, routed, deliveries = cut_routed(buf, 0, len(buf), 131072, 0, routes, WATCHED)
     assert pos == len(joined)
     pieces = [
         (whom, bytes(raw)) if kind == ROUTED else ("proxy", bytes(raw)) for kind, whom, raw in items
@@ -487,4 +481,20 @@ def test_routing_refuses_what_cut_refuses(stream, frame_max, routed_channels):
         except ConnectionException as error:
             return error.code, error.text
 
-    assert result(cut_routed, routes, WATCHED) == result(cut, 0)
+    assert result(cut_routed, 0, routes, WATCHED) == result(cut, 0)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x3c", b"\x00\x3c\x00"])
+def test_method_frame_without_a_method_id_is_the_brokers_frame_error(payload):
+    data = make_frame(FRAME_METHOD, 1, payload) + HEARTBEAT_FRAME
+    octets = ",".join(map(str, payload))
+    for reading in (
+        lambda: FrameReader(4096).feed(data),
+        lambda: cut_routed(bytearray(data), 0, len(data), 4096, 0, {1: (0, 2, "c")}, WATCHED),
+    ):
+        with pytest.raises(ConnectionException) as raised:
+            reading()
+        assert raised.value.code == ReplyCode.FRAME_ERROR
+        assert (
+            raised.value.text == f"FRAME_ERROR - type 1, all octets = <<{octets}>>: unknown_frame"
+        )

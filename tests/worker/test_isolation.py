@@ -112,6 +112,8 @@ CASES = [
     # The broker's slack: a frame 8 bytes over frame_max is no frame error (here
     # a body with no publish, so 505 rather than 501).
     Case("frame-max-payload-is-not-a-frame-error", _frame_max_payload_body),
+    Case("method-frame-without-method-id", lambda c: struct.pack(">BHI", 1, 1, 2) + b"\x00<\xce"),
+    Case("empty-method-frame-on-channel-0", lambda c: struct.pack(">BHI", 1, 0, 0) + b"\xce"),
     Case("body-without-publish", lambda c: body_frame(1, b"abc")),
     Case("content-header-without-publish", lambda c: content_header(1, 3)),
     Case("method-where-content-header-expected", lambda c: publish(1) + declare(1)),
