@@ -9,8 +9,11 @@ before tearing them down.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -144,6 +147,26 @@ def run(
 
 
 SERVER_START_TIMEOUT = 10.0
+
+
+def serve_loopback(
+    factory: Callable[[asyncio.AbstractEventLoop], Callable[[], asyncio.Protocol]],
+    report: Any,
+) -> None:
+    """A ChildServer's body: serve factory(loop)'s protocols on a free
+    loopback port (uvloop when installed), send the port on `report`, run
+    until SIGTERM."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(factory(loop), "127.0.0.1", 0, backlog=4096)
+    )
+    report.send(server.sockets[0].getsockname()[1])
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    loop.run_forever()
 
 
 class ChildServer:

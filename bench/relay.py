@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import math
-import signal
+import typing
 
-from bench.procs import ChildServer
+from bench.procs import ChildServer, serve_loopback
 
 TICK = 0.001  # s: delayed chunks leave on whole ticks
 
@@ -99,24 +98,19 @@ async def _dial(inbound: _Side, target: tuple[str, int]) -> None:
 
 
 def _serve(target: tuple[str, int], delay: float, report) -> None:  # noqa: ANN001
-    with contextlib.suppress(ImportError):
-        import uvloop
+    def sides(loop: asyncio.AbstractEventLoop) -> typing.Callable[[], _Side]:
+        tasks: set[asyncio.Task] = set()
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    loop = asyncio.new_event_loop()
-    tasks: set[asyncio.Task] = set()
+        def accept() -> _Side:
+            inbound = _Side(loop, delay)
+            task = loop.create_task(_dial(inbound, target))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            return inbound
 
-    def accept() -> _Side:
-        inbound = _Side(loop, delay)
-        task = loop.create_task(_dial(inbound, target))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return inbound
+        return accept
 
-    server = loop.run_until_complete(loop.create_server(accept, "127.0.0.1", 0, backlog=4096))
-    report.send(server.sockets[0].getsockname()[1])
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    loop.run_forever()
+    serve_loopback(sides, report)
 
 
 class Relay(ChildServer):

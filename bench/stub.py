@@ -12,13 +12,11 @@ over the broker's is the ceiling any churn ratio has here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 
 from pamqp import commands, frame
 
 from bench import frames
-from bench.procs import ChildServer
+from bench.procs import ChildServer, serve_loopback
 
 # (the method id that ends a step, the reply to it, on which channel); the
 # protocol header is step 0.
@@ -78,15 +76,7 @@ class _Session(asyncio.Protocol):
 
 
 def _serve(report) -> None:  # noqa: ANN001
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(_Session, "127.0.0.1", 0, backlog=4096))
-    report.send(server.sockets[0].getsockname()[1])
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    loop.run_forever()
+    serve_loopback(lambda loop: _Session, report)
 
 
 class Stub(ChildServer):

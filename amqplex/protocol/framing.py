@@ -109,6 +109,7 @@ def cut_routed(
     target = None
     routed = deliveries = 0
     while end - pos >= FRAME_OVERHEAD:
+        # cut()'s checks, repeated inline: a call a frame would cost more.
         frame_type, channel, size = unpack_header(buf, pos)
         if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > limit:
             raise _bad_header(frame_type, size, frame_max, limit)
