@@ -91,6 +91,7 @@ class ClientSession(asyncio.Protocol):
         # Upstreams not reading while this client catches up, and the bound on it.
         self._holding: set[Upstream] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
+        # The protocol header's bytes, while it arrives in pieces.
         self._header = b""
         self.peer = ""
         self.started = self.loop.time()
@@ -179,15 +180,18 @@ class ClientSession(asyncio.Protocol):
     # -- the handshake, answered locally (DESIGN rule 1) ----------------------------
 
     def _protocol_header(self, data: bytes) -> bytes:
+        """What the client sent after its protocol header, once the header is
+        all here and is ours; b"" until then, or if it is refused."""
+        size = len(PROTOCOL_HEADER)
         self._header += data
-        if len(self._header) < len(PROTOCOL_HEADER):
+        if len(self._header) < size:
             if not PROTOCOL_HEADER.startswith(self._header):
                 self._refuse_protocol()
             return b""
-        if self._header[:8] != PROTOCOL_HEADER:
+        if self._header[:size] != PROTOCOL_HEADER:
             self._refuse_protocol()
             return b""
-        rest, self._header = self._header[8:], b""
+        rest, self._header = self._header[size:], b""
         self.state = State.START_OK
         self.write(self.worker.start_frame)
         return rest
