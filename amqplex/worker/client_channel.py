@@ -332,7 +332,9 @@ class ClientChannel:
 
     def from_broker(self, frame_type: int, frame: bytes, index: int) -> None:
         """A frame the broker sent on this channel (`index`: the method's, for
-        a method frame, as upstream_channel already read it)."""
+        a method frame, as upstream_channel already read it). Only the
+        methods in WATCHED reach this while the channel is routed (see
+        UpstreamChannel.attach): a method acted on here must be in it."""
         session = self.session
         if frame_type == FRAME_BODY:
             if len(frame) > session.frame_max:

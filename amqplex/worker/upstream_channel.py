@@ -30,7 +30,8 @@ _CLOSE = commands.Channel.Close.index
 _CLOSE_OK = commands.Channel.CloseOk.index
 _RECOVER_OK = commands.Basic.RecoverOk.index
 _LIFECYCLE = frozenset((_OPEN_OK, _CLOSE, _CLOSE_OK))
-# The broker's methods this side acts on: never routed past it.
+# The broker's methods from_broker acts on: never routed past it. A method
+# it comes to act on must be added here, or a routed channel never shows it.
 WATCHED = frozenset((*_LIFECYCLE, _RECOVER_OK))
 _PROBE = methods.encode(0, commands.Basic.Recover(requeue=True))
 
