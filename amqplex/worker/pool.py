@@ -56,6 +56,9 @@ class Pool:
         # each and the upstream that owns it at the broker (DESIGN rule 7).
         self.owners: dict[str, ClientSession] = {}
         self._owned_on: dict[str, Upstream] = {}
+        # The same by session (names as an ordered set), so a session that
+        # leaves finds its queues without a walk over everybody's.
+        self._owned_by: dict[ClientSession, dict[str, None]] = {}
         self._dial: asyncio.Task | None = None
         self._reconnect: asyncio.Task | None = None
         self.unavailable = ""
@@ -327,7 +330,7 @@ class Pool:
 
     def session_left(self, session: ClientSession) -> None:
         self.sessions.discard(session)
-        mine = [name for name, owner in self.owners.items() if owner is session]
+        mine = list(self._owned_by.get(session, ()))
         by_upstream: dict[Upstream, list[str]] = {}
         for name in mine:
             upstream = self._owned_on.get(name)
@@ -338,13 +341,20 @@ class Pool:
             upstream.delete_queues(names)
 
     def own(self, queue: str, session: ClientSession, upstream: Upstream) -> None:
+        self.disown(queue, self.owners.get(queue))
         self.owners[queue] = session
         self._owned_on[queue] = upstream
+        self._owned_by.setdefault(session, {})[queue] = None
 
     def disown(self, queue: str, session: ClientSession | None) -> None:
         if self.owners.get(queue) is session:
             self.owners.pop(queue, None)
             self._owned_on.pop(queue, None)
+            names = self._owned_by.get(session)
+            if names is not None:
+                names.pop(queue, None)
+                if not names:
+                    del self._owned_by[session]
 
     def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
         for session in self.sessions:
