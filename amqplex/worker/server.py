@@ -58,6 +58,11 @@ class Worker:
         # SSL contexts for the listener and for amqps:// upstreams (amqplex/tls.py).
         self.tls = tls.install(config)
         self.sessions: set[ClientSession] = set()
+        # How many of them are past their handshake: a count kept as they
+        # come and go, since pool.max_client_connections is checked at every
+        # client's Open, where a walk over thousands of sessions would cost
+        # more than the Open itself.
+        self.running = 0
         self.server_properties: dict = _FALLBACK_SERVER_PROPERTIES
         self.frame_max = _DEFAULT_FRAME_MAX
         self.channel_max = min(_DEFAULT_CHANNEL_MAX, config.pool.max_channels)
@@ -77,7 +82,8 @@ class Worker:
         return task
 
     def running_sessions(self) -> int:
-        return sum(1 for session in self.sessions if session.pool is not None)
+        """Client sessions past their handshake and not yet ended."""
+        return self.running
 
     def learn(self, upstream: Upstream) -> None:
         """Offer clients what the broker offers (DESIGN rules 1 and 3)."""

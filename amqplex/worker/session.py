@@ -319,6 +319,7 @@ class ClientSession(asyncio.Protocol):
 
     def _opened(self, pool: Pool) -> None:
         self.pool = pool
+        self.worker.running += 1
         self.state = State.RUNNING
         self._timer.cancel()
         self.write(_OPEN_OK)
@@ -568,5 +569,6 @@ class ClientSession(asyncio.Protocol):
             self._timer.cancel()
         self._release_channels()
         if self.pool is not None:
+            self.worker.running -= 1
             self.pool.session_left(self)
         self.worker.sessions.discard(self)
