@@ -373,6 +373,9 @@ class Pools:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._pools: dict[PoolKey, Pool] = {}
+        # The same by credentials alone: every client's StartOk asks about
+        # them (logged_in), before its vhost is known.
+        self._by_credentials: dict[Credentials, dict[str, Pool]] = {}
         # Pools whose first dial is under way: not trusted until it succeeds.
         self._candidates: dict[PoolKey, Pool] = {}
         # Logins under way, so a burst of new clients with the same new
@@ -387,7 +390,8 @@ class Pools:
 
     def logged_in(self, credentials: Credentials) -> bool:
         """Whether an open upstream was logged in with exactly these credentials."""
-        return any(key[0] == credentials and pool.upstreams for key, pool in self._pools.items())
+        pools = self._by_credentials.get(credentials, {})
+        return any(pool.upstreams for pool in pools.values())
 
     def ready(self, credentials: Credentials, vhost: str) -> Pool | None:
         """The pool for these credentials and vhost, if it has an open upstream."""
@@ -438,6 +442,7 @@ class Pools:
         if self._candidates.get(key) is pool:
             del self._candidates[key]
             self._pools[key] = pool
+            self._by_credentials.setdefault(credentials, {})[vhost] = pool
         return pool
 
     def discard(self, pool: Pool) -> None:
@@ -447,6 +452,12 @@ class Pools:
         for registry in (self._pools, self._candidates):
             if registry.get(key) is pool:
                 del registry[key]
+        credentials, vhost = key
+        by_vhost = self._by_credentials.get(credentials, {})
+        if by_vhost.get(vhost) is pool:
+            del by_vhost[vhost]
+            if not by_vhost:
+                del self._by_credentials[credentials]
         pool.drop()
 
     def sweep(self, now: float) -> None:
