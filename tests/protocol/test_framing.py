@@ -470,6 +470,42 @@ def test_routing_gives_each_client_its_frames_renumbered_and_the_proxy_the_rest_
     )
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=broker_streams(),
+    routed_channels=st.sets(st.integers(1, 3)),
+    data=st.data(),
+)
+def test_routing_through_the_reader_in_any_chunking_gives_what_the_whole_stream_gives(
+    stream, routed_channels, data
+):
+    """Reads of any size, with earlier pieces still held (as a slow client's
+    transport holds them) while the reader reuses or replaces its buffer:
+    no piece handed out changes, and the pieces are the same."""
+    routes = {ch: (0, 100 + ch, f"client {ch}") for ch in routed_channels}
+    joined = b"".join(stream)
+    frames, _ = cut(joined, 0, len(joined), 131072, 0)
+    reader = FrameReader(131072)
+    pieces, kept = [], []
+    start = 0
+    for point in [*data.draw(cut_points(joined)), len(joined)]:
+        chunk = joined[start:point]
+        start = point
+        while chunk:
+            space = reader.get_buffer()
+            taken = min(len(space), len(chunk))
+            space[:taken] = chunk[:taken]
+            space.release()
+            chunk = chunk[taken:]
+            items, _, _ = reader.routed(taken, routes, WATCHED)
+            kept.extend((kind, whom, raw, bytes(raw)) for kind, whom, raw in items)
+    for kind, whom, raw, copy in kept:
+        assert bytes(raw) == copy, "a piece handed out was written over"
+        pieces.append((whom, copy) if kind == ROUTED else ("proxy", copy))
+    assert merged(pieces) == merged(expected_routing(frames, routes))
+    assert reader.buffered == 0
+
+
 @settings(max_examples=500, deadline=None)
 @given(stream=streams, frame_max=frame_maxes, routed_channels=st.sets(st.integers(0, 65535)))
 def test_routing_refuses_what_cut_refuses(stream, frame_max, routed_channels):
