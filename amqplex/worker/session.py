@@ -360,7 +360,11 @@ class ClientSession(asyncio.Protocol):
     def _running(self, frames: list) -> None:
         channels = self.channels
         running = State.RUNNING
-        for frame_type, channel_id, frame in frames:
+        count = len(frames)
+        i = 0
+        while i < count:
+            frame_type, channel_id, frame = frames[i]
+            i += 1
             if self.state is not running:
                 self._other_state(frame_type, channel_id, frame)
                 continue
@@ -372,6 +376,13 @@ class ClientSession(asyncio.Protocol):
                 self._new_channel(frame_type, channel_id, frame)
                 continue
             try:
+                if (
+                    frame_type == FRAME_METHOD
+                    and i + 1 < count
+                    and channel.publish_whole(frame, frames[i], frames[i + 1])
+                ):
+                    i += 2  # its content header and body went with it
+                    continue
                 channel.from_client(frame_type, frame)
             except ChannelException as error:
                 channel.close_by_proxy(error)

@@ -175,6 +175,26 @@ CASES = [
         lambda c: publish(1) + with_extra_byte(content_header(1, 3)) + body_frame(1, b"abc"),
         text_prefix="INTERNAL_ERROR",
     ),
+    # Whole messages in one read take a shorter path (publish_whole): the
+    # same answers there, with the frame after the message sent with it.
+    Case(
+        "body-frame-after-a-zero-size-header",
+        lambda c: publish(1) + content_header(1, 0) + body_frame(1, b""),
+    ),
+    Case(
+        "publish-immediate-with-its-body",
+        lambda c: publish(1, immediate=True) + content_header(1, 3) + body_frame(1, b"abc"),
+    ),
+    Case(
+        "content-header-for-another-class-with-its-body",
+        lambda c: publish(1) + content_header(1, 3, 61) + body_frame(1, b"abc"),
+    ),
+    Case(
+        "method-after-a-whole-message",
+        lambda c: (
+            publish(1) + content_header(1, 3) + body_frame(1, b"abc") + publish(1) + declare(1)
+        ),
+    ),
     # ... and one channel more than channel_max is 530 NOT_ALLOWED.
     Case(
         "more-channels-than-channel-max",
