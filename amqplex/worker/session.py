@@ -22,6 +22,7 @@ from amqplex import metrics
 from amqplex.protocol import methods
 from amqplex.protocol.auth import Credentials, parse_response
 from amqplex.protocol.constants import (
+    FRAME_HEADER,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
     FRAME_MIN_SIZE,
@@ -379,6 +380,7 @@ class ClientSession(asyncio.Protocol):
                 if (
                     frame_type == FRAME_METHOD
                     and i + 1 < count
+                    and frames[i][0] == FRAME_HEADER  # else no call: acks, declares...
                     and channel.publish_whole(frame, frames[i], frames[i + 1])
                 ):
                     i += 2  # its content header and body went with it
