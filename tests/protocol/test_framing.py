@@ -440,16 +440,24 @@ def merged(pieces: list) -> list:
     return out
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    stream=broker_streams(),
-    routed_channels=st.sets(st.integers(1, 3)),
-    data=st.data(),
-)
+def routing_examples(test):
+    """Broker streams, some of whose channels (1 to 3) are routed to clients."""
+    examples = given(
+        stream=broker_streams(), routed_channels=st.sets(st.integers(1, 3)), data=st.data()
+    )
+    return settings(max_examples=300, deadline=None)(examples(test))
+
+
+def client_routes(channels: set[int]) -> dict:
+    """Channel n goes to "client n" as channel 100 + n."""
+    return {ch: (0, 100 + ch, f"client {ch}") for ch in channels}
+
+
+@routing_examples
 def test_routing_gives_each_client_its_frames_renumbered_and_the_proxy_the_rest_in_order(
     stream, routed_channels, data
 ):
-    routes = {ch: (0, 100 + ch, f"client {ch}") for ch in routed_channels}
+    routes = client_routes(routed_channels)
     joined = b"".join(stream)
     frames, _ = cut(joined, 0, len(joined), 131072, 0)
     next_frame = make_frame(FRAME_BODY, 1, b"next")
@@ -470,19 +478,14 @@ def test_routing_gives_each_client_its_frames_renumbered_and_the_proxy_the_rest_
     )
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    stream=broker_streams(),
-    routed_channels=st.sets(st.integers(1, 3)),
-    data=st.data(),
-)
+@routing_examples
 def test_routing_through_the_reader_in_any_chunking_gives_what_the_whole_stream_gives(
     stream, routed_channels, data
 ):
     """Reads of any size, with earlier pieces still held (as a slow client's
     transport holds them) while the reader reuses or replaces its buffer:
     no piece handed out changes, and the pieces are the same."""
-    routes = {ch: (0, 100 + ch, f"client {ch}") for ch in routed_channels}
+    routes = client_routes(routed_channels)
     joined = b"".join(stream)
     frames, _ = cut(joined, 0, len(joined), 131072, 0)
     reader = FrameReader(131072)
