@@ -55,7 +55,7 @@ def cut(
     while end - pos >= FRAME_OVERHEAD:
         frame_type, channel, size = unpack_header(buf, pos)
         if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > limit:
-            raise _bad_header(frame_type, size, frame_max, limit)
+            raise _bad_header(frame_type, size, frame_max)
         last = pos + FRAME_HEADER_SIZE + size
         if last >= end:
             break
@@ -112,7 +112,7 @@ def cut_routed(
         # cut()'s checks, repeated inline: a call a frame would cost more.
         frame_type, channel, size = unpack_header(buf, pos)
         if frame_type not in _FRAME_TYPES or size + FRAME_OVERHEAD > limit:
-            raise _bad_header(frame_type, size, frame_max, limit)
+            raise _bad_header(frame_type, size, frame_max)
         last = pos + FRAME_HEADER_SIZE + size
         if last >= end:
             break
@@ -161,7 +161,7 @@ def cut_routed(
     return items, pos, routed, deliveries
 
 
-def _bad_header(frame_type: int, size: int, frame_max: int, limit: int) -> ConnectionException:
+def _bad_header(frame_type: int, size: int, frame_max: int) -> ConnectionException:
     if frame_type not in _FRAME_TYPES:
         return ConnectionException(ReplyCode.FRAME_ERROR, f"type {frame_type}, all octets = <<>>")
     return ConnectionException(

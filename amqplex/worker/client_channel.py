@@ -199,7 +199,9 @@ class ClientChannel:
         them one by one, and sent upstream as one piece, for about a fifth
         less CPU a message than frame by frame. False, having changed
         nothing, for anything else: those frames then go through
-        from_client."""
+        from_client. It writes the message itself: handing the three frames
+        to _send_content (and its retarget) gave most of the gain back
+        (5.2-5.4 against 4.5-4.7 us a message in alternating runs)."""
         header_type, header_channel, header_frame = header
         body_type, body_channel, body_frame = body
         slot = self.slot

@@ -74,7 +74,7 @@ class UpstreamChannel:
         frame_max smaller than the broker's and bodies must be re-cut."""
         self.client = client
         if client.session.frame_max >= self.upstream.frame_max:
-            self.upstream.routes[self.uid] = (client.cid >> 8, client.cid & 0xFF, client.session)
+            self.upstream.routes[self.uid] = (*client.cid_bytes, client.session)
 
     def detach(self) -> None:
         self.client = None
