@@ -89,6 +89,12 @@ def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dic
     return {"start": start, "end": end, "cpu": cpu, "got": got}
 
 
+def _meter(bench: Bench, relay: Relay | None) -> CpuMeter:
+    # The bare relay's own CPU is what a one-hop proxy that parses nothing
+    # costs: the reference amqplexd's is read against.
+    return bench.meter(relay=[relay.pid]) if relay is not None else bench.meter()
+
+
 def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     cpu = {"generators": gen_cpu(results, wall), **meter.cores}
@@ -102,15 +108,17 @@ def publish(
     size: Size,
     keep: bool = False,
     publishers: int | None = None,
+    relay: Relay | None = None,
 ) -> tuple[Rate, list[str]]:
     """Publish into fresh queues (one per publisher; as many publishers as
     the profile says unless `publishers`) and verify every message landed;
-    the queues are deleted unless `keep`."""
+    the queues are deleted unless `keep`. The CPU figures include the
+    `relay`'s own, if one is given."""
     count = size.count(bench)
     queues = [bench.admin.queue(label) for _ in range(publishers or bench.profile.publishers)]
     try:
         args = [(addr, queue, size.size, count) for queue in queues]
-        meter = bench.meter()
+        meter = _meter(bench, relay)
         _, results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: count for queue in queues})
         if short := [r["declared"] for r in results if r["declared"] != count]:
@@ -127,14 +135,15 @@ def publish(
     return _rate(results, count, size.size, meter), queues
 
 
-def consume(bench: Bench, label: str, addr: tuple, size: Size) -> Rate:
+def consume(bench: Bench, label: str, addr: tuple, size: Size, relay: Relay | None = None) -> Rate:
     """Fill queues directly, then drain them through `addr`; verify each
-    consumer got all of its queue and the queues are empty."""
+    consumer got all of its queue and the queues are empty. The CPU figures
+    include the `relay`'s own, if one is given."""
     count = size.count(bench)
     _, queues = publish(bench, f"{label}.fill", BROKER, size, keep=True)
     try:
         args = [(addr, queue, count) for queue in queues]
-        meter = bench.meter()
+        meter = _meter(bench, relay)
         _, results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: 0 for queue in queues})
     finally:
@@ -181,7 +190,7 @@ def run_publish(bench: Bench) -> None:
         for size in SIZES:
             runs = {}
             for label, addr in [*bench.targets(), ("relay", relay.addr)]:
-                runs[label], _ = publish(bench, f"publish.{label}", addr, size)
+                runs[label], _ = publish(bench, f"publish.{label}", addr, size, relay=relay)
                 if label == "proxy" and size.size > 4096:
                     bench.record_worker_rss()
             _report(bench, "publish", size, runs)
@@ -220,7 +229,7 @@ def run_consume(bench: Bench) -> None:
         for size in SIZES:
             runs = {}
             for label, addr in [*bench.targets(), ("relay", relay.addr)]:
-                runs[label] = consume(bench, f"consume.{label}", addr, size)
+                runs[label] = consume(bench, f"consume.{label}", addr, size, relay)
                 if label == "proxy" and size.size > 4096:
                     bench.record_worker_rss()
             _report(bench, "consume", size, runs)
