@@ -9,7 +9,7 @@ import time
 
 from bench import frames, procs
 from bench.broker import BROKER
-from bench.context import Bench, CpuMeter, gen_cpu, median, percentile
+from bench.context import CEILING, Bench, CpuMeter, gen_cpu, median, percentile, zero_cost_ceiling
 from bench.daemon import Daemon
 from bench.relay import Relay
 from bench.report import Row, Target
@@ -106,6 +106,9 @@ def _report(bench: Bench, scenario: str, runs: dict[str, Churn], rate: Target, m
     bench.add(Row(scenario, "cycles/s", "1/s", direct.rate, proxy.rate, rate))
     bench.add(Row(scenario, "median cycle", "ms", direct.median_ms, proxy.median_ms, med))
     bench.add(Row(scenario, "p99 cycle", "ms", direct.p99_ms, proxy.p99_ms))
+    if rate.ratio_at_least is not None:
+        ceiling = zero_cost_ceiling(proxy.rate, proxy.cpu)
+        bench.add(Row(scenario, f"cycles/s, {CEILING}", "1/s", direct.rate, ceiling))
     if "stub" in runs:
         # What the same clients get from canned replies: the machine's ceiling.
         stub = runs["stub"]

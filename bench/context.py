@@ -4,6 +4,7 @@ admin, and where its figures go."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any
@@ -140,3 +141,19 @@ def median(values: list[float]) -> float:
 def gen_cpu(results: list[dict], seconds: float) -> float:
     """Cores the load generators used on average over `seconds`."""
     return sum(result["cpu"] for result in results) / seconds if seconds > 0 else 0.0
+
+
+# The processes a proxied run needs besides amqplexd itself, and the name of
+# the rows zero_cost_ceiling gives.
+CEILING = "ceiling if amqplexd used no CPU (reference)"
+OUTSIDE_THE_PROXY = ("generators", "broker")
+
+
+def zero_cost_ceiling(rate: float, cores_used: dict[str, float]) -> float:
+    """The rate a proxied run could reach if amqplexd used no CPU at all:
+    the machine's cores over what the load generators and the broker spent
+    a unit of work (a cycle, a message) in that run. A ratio target above
+    ceiling / direct cannot be met on this machine by any proxy, since they
+    all share its cores."""
+    outside = sum(cores_used[name] for name in OUTSIDE_THE_PROXY)
+    return rate * (os.cpu_count() or 1) / outside if outside else 0.0

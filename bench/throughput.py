@@ -8,7 +8,7 @@ import time
 
 from bench import frames, procs
 from bench.broker import BROKER
-from bench.context import Bench, CpuMeter, gen_cpu
+from bench.context import CEILING, Bench, CpuMeter, gen_cpu, zero_cost_ceiling
 from bench.relay import Relay
 from bench.report import Row, Target
 from bench.wire import open_wire
@@ -162,6 +162,8 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
     bench.add(
         Row(scenario, f"{size.label} MB/s", "MB/s", direct.mb_per_second, proxy.mb_per_second)
     )
+    ceiling = zero_cost_ceiling(proxy.per_second, proxy.cpu)
+    bench.add(Row(scenario, f"{size.label} msg/s, {CEILING}", "1/s", direct.per_second, ceiling))
     if "relay" in runs:
         # The same clients through a bare byte relay (one uvloop process that
         # parses nothing): what any one-hop proxy costs on this machine.
