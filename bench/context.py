@@ -105,28 +105,36 @@ def direct_client_budget() -> int:
 
 
 class CpuMeter:
-    """Cores used by groups of processes between begin() and end(). The broker
-    figure includes whatever else uses the broker meanwhile."""
+    """Cores used by groups of processes between begin() and end(), and by
+    each process of a group. The broker figure includes whatever else uses
+    the broker meanwhile."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
         self.cores: dict[str, float] = {}
-        self._start: dict[str, float] = {}
+        self._start: dict[int, float] = {}
+        self._used: dict[int, float] = {}
         self._began = 0.0
 
     def begin(self) -> None:
         self._began = time.monotonic()
-        self._start = {name: procinfo.cpu_seconds(pids) for name, pids in self.groups.items()}
+        self._start = {pid: procinfo.cpu_seconds([pid]) for pid in self._pids()}
 
     def end(self) -> None:
         wall = time.monotonic() - self._began
+        self._used = {
+            pid: (procinfo.cpu_seconds([pid]) - start) / wall for pid, start in self._start.items()
+        }
         self.cores = {
-            name: (procinfo.cpu_seconds(pids) - self._start[name]) / wall
-            for name, pids in self.groups.items()
+            name: sum(self._used[pid] for pid in pids) for name, pids in self.groups.items()
         }
 
-    def text(self) -> str:
-        return ", ".join(f"{name} {cores:.2f}" for name, cores in self.cores.items())
+    def processes(self, name: str) -> list[float]:
+        """Cores each process of group `name` used, busiest first."""
+        return sorted((self._used[pid] for pid in self.groups[name]), reverse=True)
+
+    def _pids(self) -> set[int]:
+        return {pid for pids in self.groups.values() for pid in pids}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -37,6 +37,9 @@ class Rate:
     seconds: float
     size: int
     cpu: dict[str, float]  # cores used: generators, amqplexd, broker
+    # Cores each amqplexd process used, busiest first: a worker's clients
+    # share its upstreams, and the kernel decides which worker accepts whom.
+    amqplexd: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -98,7 +101,7 @@ def _meter(bench: Bench, relay: Relay | None) -> CpuMeter:
 def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     cpu = {"generators": gen_cpu(results, wall), **meter.cores}
-    return Rate(count * len(results), wall, size, cpu)
+    return Rate(count * len(results), wall, size, cpu, meter.processes("amqplexd"))
 
 
 def publish(
@@ -185,6 +188,11 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
             f"{scenario} {size.label} {label}: {run.messages} messages verified in "
             f"{run.seconds:.2f} s; cores used: {cores}"
         )
+    busy = [f"{cores:.2f}" for cores in proxy.amqplexd if cores >= 0.01]
+    bench.note(
+        f"{scenario} {size.label} proxy: amqplexd's busy processes used {', '.join(busy)} "
+        "cores (clients on one worker share its upstreams)"
+    )
 
 
 def run_publish(bench: Bench) -> None:
