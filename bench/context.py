@@ -164,4 +164,4 @@ def zero_cost_ceiling(rate: float, cores_used: dict[str, float]) -> float:
     ceiling / direct cannot be met on this machine by any proxy, since they
     all share its cores."""
     outside = sum(cores_used[name] for name in OUTSIDE_THE_PROXY)
-    return rate * (os.cpu_count() or 1) / outside if outside else 0.0
+    return rate * len(os.sched_getaffinity(0)) / outside if outside else 0.0

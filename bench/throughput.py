@@ -190,7 +190,7 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
         )
     busy = [f"{cores:.2f}" for cores in proxy.amqplexd if cores >= 0.01]
     bench.note(
-        f"{scenario} {size.label} proxy: amqplexd's busy processes used {', '.join(busy)} "
+        f"{scenario} {size.label} proxy: amqplexd's busy processes used {', '.join(busy) or 'no'} "
         "cores (clients on one worker share its upstreams)"
     )
 
