@@ -24,8 +24,9 @@
 #define METHOD_ID_SIZE 4
 #define LARGE_BODY 2048
 #define ROUTED 0
-/* More methods than the proxy watches (four) or counts as deliveries (two). */
-#define MAX_INDICES 16
+/* More methods than the proxy watches (eight) or counts as deliveries
+ * (two); test_walk.py checks. */
+#define MAX_INDICES 32
 
 static PyObject *BadFrame;
 
@@ -58,9 +59,10 @@ frame_at(const Walk *walk, Py_ssize_t pos, int *type, int *channel, uint32_t *si
     *type = p[0];
     *channel = p[1] << 8 | p[2];
     *size = read_u32(p + 3);
+    /* size + FRAME_OVERHEAD > limit, without overflow (limit >= 0). */
     if ((*type != FRAME_METHOD && *type != FRAME_HEADER && *type != FRAME_BODY &&
          *type != FRAME_HEARTBEAT) ||
-        (Py_ssize_t)*size + FRAME_OVERHEAD > walk->limit)
+        (uint64_t)*size + FRAME_OVERHEAD > (uint64_t)walk->limit)
         return -1;
     *last = pos + FRAME_HEADER_SIZE + (Py_ssize_t)*size;
     if (*last >= walk->end)
@@ -161,12 +163,18 @@ static int
 start_walk(PyObject *const *args, Py_buffer *buffer, int flags, Walk *walk, Py_ssize_t *pos)
 {
     Py_ssize_t frame_max, slack;
-    *pos = PyLong_AsSsize_t(args[1]);
-    walk->end = PyLong_AsSsize_t(args[2]);
-    frame_max = PyLong_AsSsize_t(args[3]);
-    slack = PyLong_AsSsize_t(args[4]);
-    if (PyErr_Occurred())
+    if ((*pos = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())
         return -1;
+    if ((walk->end = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred())
+        return -1;
+    if ((frame_max = PyLong_AsSsize_t(args[3])) == -1 && PyErr_Occurred())
+        return -1;
+    if ((slack = PyLong_AsSsize_t(args[4])) == -1 && PyErr_Occurred())
+        return -1;
+    if (frame_max < 0 || slack < 0) {
+        PyErr_SetString(PyExc_ValueError, "frame_max and slack must not be negative");
+        return -1;
+    }
     if (PyObject_GetBuffer(args[0], buffer, flags) < 0)
         return -1;
     if (*pos < 0 || *pos > walk->end || walk->end > buffer->len) {
@@ -175,7 +183,7 @@ start_walk(PyObject *const *args, Py_buffer *buffer, int flags, Walk *walk, Py_s
         return -1;
     }
     walk->buf = buffer->buf;
-    walk->limit = frame_max + slack;
+    walk->limit = frame_max > PY_SSIZE_T_MAX - slack ? PY_SSIZE_T_MAX : frame_max + slack;
     walk->source = args[0];
     walk->view = NULL;
     return 0;
@@ -243,21 +251,29 @@ find_route(PyObject *routes, int channel, Run *run)
         return -1;
     PyObject *route = PyDict_GetItemWithError(routes, key);
     Py_DECREF(key);
-    if (route == NULL)
+    if (route == NULL || route == Py_None) /* as routes.get() gives it: not routed */
         return PyErr_Occurred() ? -1 : 0;
     if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 3) {
         PyErr_SetString(PyExc_TypeError, "a route is (high octet, low octet, target)");
         return -1;
     }
+    /* Held: converting its octets may run Python code that changes routes. */
+    Py_INCREF(route);
     long high = PyLong_AsLong(PyTuple_GET_ITEM(route, 0));
-    long low = PyLong_AsLong(PyTuple_GET_ITEM(route, 1));
-    if (PyErr_Occurred())
-        return -1;
-    run->channel = channel;
-    run->high = (unsigned char)high;
-    run->low = (unsigned char)low;
-    run->target = Py_NewRef(PyTuple_GET_ITEM(route, 2));
-    return 0;
+    long low = high == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(PyTuple_GET_ITEM(route, 1));
+    int failed = PyErr_Occurred() != NULL;
+    if (!failed && (high < 0 || high > 255 || low < 0 || low > 255)) {
+        PyErr_SetString(PyExc_ValueError, "byte must be in range(0, 256)");
+        failed = 1;
+    }
+    if (!failed) {
+        run->channel = channel;
+        run->high = (unsigned char)high;
+        run->low = (unsigned char)low;
+        run->target = Py_NewRef(PyTuple_GET_ITEM(route, 2));
+    }
+    Py_DECREF(route);
+    return failed ? -1 : 0;
 }
 
 /* (ROUTED, target, the bytes of the run) onto items, if the run has any. */
@@ -360,38 +376,38 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static int
-exec_module(PyObject *module)
-{
-    BadFrame = PyErr_NewExceptionWithDoc(
-        "amqplex.protocol._walk.BadFrame",
-        "A frame cut() refuses, at the position in args[0].", NULL, NULL);
-    if (BadFrame == NULL || PyModule_AddObjectRef(module, "BadFrame", BadFrame) < 0)
-        return -1;
-    return PyModule_AddIntConstant(module, "LARGE_BODY", LARGE_BODY) < 0 ||
-                   PyModule_AddIntConstant(module, "ROUTED", ROUTED) < 0 ||
-                   PyModule_AddIntConstant(module, "FRAME_END", FRAME_END) < 0 ||
-                   PyModule_AddIntConstant(module, "FRAME_HEADER_SIZE", FRAME_HEADER_SIZE) < 0
-               ? -1
-               : 0;
-}
-
-static PyModuleDef_Slot slots[] = {
-    {Py_mod_exec, exec_module},
-    {0, NULL},
-};
-
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "amqplex.protocol._walk",
     .m_doc = "framing.py's frame walkers, compiled.",
-    .m_size = 0,
+    .m_size = -1,
     .m_methods = methods,
-    .m_slots = slots,
 };
 
+/* Single-phase initialisation: the module is made once per process, and
+ * BadFrame with it. */
 PyMODINIT_FUNC
 PyInit__walk(void)
 {
-    return PyModuleDef_Init(&module_def);
+    if (BadFrame != NULL) {
+        PyErr_SetString(PyExc_ImportError, "amqplex.protocol._walk is loaded once per process");
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    BadFrame = PyErr_NewExceptionWithDoc(
+        "amqplex.protocol._walk.BadFrame",
+        "A frame cut() refuses, at the position in args[0].", NULL, NULL);
+    if (BadFrame == NULL || PyModule_AddObjectRef(module, "BadFrame", BadFrame) < 0 ||
+        PyModule_AddIntConstant(module, "LARGE_BODY", LARGE_BODY) < 0 ||
+        PyModule_AddIntConstant(module, "ROUTED", ROUTED) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_END", FRAME_END) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_HEADER_SIZE", FRAME_HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_INDICES", MAX_INDICES) < 0) {
+        Py_CLEAR(BadFrame);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

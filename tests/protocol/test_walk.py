@@ -138,3 +138,32 @@ def test_pos_and_end_outside_the_buffer_are_refused(pos, end):
     data = struct.pack(">BHI", constants.FRAME_HEARTBEAT, 0, 0) + b"\xce"
     with pytest.raises(ValueError, match="within the buffer"):
         framing._walk.cut(data, pos, end, 4096, 0)
+
+
+def test_the_compiled_walker_has_room_for_every_watched_method():
+    from amqplex.worker.upstream import _WATCHED
+
+    assert len(_WATCHED) <= framing._walk.MAX_INDICES
+    assert len(framing.DELIVERIES) <= framing._walk.MAX_INDICES
+
+
+class OctetThatEmptiesTheRoutes:
+    """An octet whose conversion runs Python code that drops the route it is in."""
+
+    def __init__(self, routes: dict) -> None:
+        self.routes = routes
+
+    def __index__(self) -> int:
+        self.routes.clear()
+        return 7
+
+
+def test_a_route_dropped_while_it_is_read_is_still_applied_as_the_reference_does():
+    data = make_frame(constants.FRAME_BODY, 1, b"x" * 10)
+
+    def walk(walker):
+        routes: dict = {}
+        routes[1] = (OctetThatEmptiesTheRoutes(routes), 2, "client")
+        return outcome(walker, bytearray(data), 0, len(data), 4096, 0, routes, WATCHED)
+
+    assert walk(framing.cut_routed) == walk(framing.reference_cut_routed)
