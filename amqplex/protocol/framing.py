@@ -302,9 +302,12 @@ class FrameSplitter:
 
 # Sizes of the buffer a read lands in: it doubles while reads fill it and
 # halves while they use under a quarter of it, so a stream gets large reads,
-# and a connection gone quiet keeps only the smallest (a few KB per idle
-# client is the budget).
-MIN_READ = 1024
+# and an upstream gone quiet keeps only the smallest. That still holds a
+# burst of deliveries: a read that fills the buffer has the event loop read
+# again at once, and from 1 KiB (this was) nearly half of a 256 B
+# consumer's reads were such second reads, a system call each. There are
+# few upstreams; clients' reads are FrameSplitter's.
+MIN_READ = 1 << 16
 MAX_READ = 1 << 18
 
 
