@@ -299,6 +299,13 @@ class FrameSplitter:
         """Bytes of an incomplete frame held back."""
         return self._pending_size if self._pending else 0
 
+    def take_held(self) -> bytes:
+        """The bytes of an incomplete frame held back, which the splitter
+        then forgets: for another reader to go on from."""
+        held = b"".join(self._pending)
+        self._pending = []
+        return held
+
 
 # Sizes of the buffer a read lands in: it doubles while reads fill it and
 # halves while they use under a quarter of it, so a stream gets large reads,

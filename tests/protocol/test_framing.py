@@ -547,3 +547,15 @@ def test_method_frame_without_a_method_id_is_the_brokers_frame_error(payload):
         assert (
             raised.value.text == f"FRAME_ERROR - type 1, all octets = <<{octets}>>: unknown_frame"
         )
+
+
+def test_the_splitter_hands_over_an_incomplete_frame_and_forgets_it():
+    data = make_frame(FRAME_BODY, 1, b"x" * 100)
+    splitter = FrameSplitter(4096)
+    assert splitter.split(data[:30]) == []
+    assert splitter.split(data[30:60]) == []
+    assert splitter.take_held() == data[:60]
+    assert splitter.buffered == 0
+    reader = FrameReader(4096)
+    assert reader.feed(data[:60]) == []
+    assert reader.feed(data[60:]) == [(FRAME_BODY, 1, data)]

@@ -1,0 +1,104 @@
+"""Clients that stream are read straight into a buffer of their own
+(amqplex/worker/streaming_client.py): what they publish arrives whole and
+in order, a frame cut by the switch is carried over, and a bad frame after
+it gets the broker's own error, with the canary on the same upstream
+untouched."""
+
+from __future__ import annotations
+
+import os
+
+import pika
+import pytest
+from pamqp import commands, frame, header
+
+from amqplex.protocol.constants import ReplyCode
+from tests.conftest import broker_params, proxy_params
+from tests.support.rawclient import RawClient, body_frame
+
+DEBUG = {"AMQP_LOG_LEVEL": "debug"}
+SWITCHED = "streams: reading it into a buffer of its own"
+
+
+def broker_bodies(queue: str, count: int) -> list[bytes]:
+    """The next `count` messages of `queue`, read at the broker itself."""
+    connection = pika.BlockingConnection(broker_params())
+    channel = connection.channel()
+    bodies = []
+    for _ in range(count):
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        assert method is not None, f"{len(bodies)} of {count} messages reached the broker"
+        bodies.append(body)
+    connection.close()
+    return bodies
+
+
+def declare(queue: str) -> None:
+    connection = pika.BlockingConnection(broker_params())
+    connection.channel().queue_declare(queue)
+    connection.close()
+
+
+def test_a_streaming_publisher_is_switched_and_its_messages_arrive_whole_and_in_order(
+    fresh_amqplexd, user, queue_name, canary_for
+):
+    daemon = fresh_amqplexd(env=DEBUG)
+    canary = canary_for(daemon.port, user)
+    declare(queue_name)
+    # Large ones (several body frames each) with small ones between them.
+    sent = [os.urandom(300_000) if i % 3 else os.urandom(200) for i in range(30)]
+    connection = pika.BlockingConnection(proxy_params(daemon.port, user))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for body in sent:
+        channel.basic_publish("", queue_name, body)
+    connection.close()
+    daemon.wait_for_log(SWITCHED)
+    assert broker_bodies(queue_name, len(sent)) == sent
+    canary.wait_round_trips(3)
+
+
+@pytest.fixture
+def streaming_raw_client(fresh_amqplexd, user, queue_name, canary_for):
+    """A raw client on channel 1 of a debug-logging daemon, with a canary
+    on its upstream: (client, daemon, canary)."""
+    daemon = fresh_amqplexd(env=DEBUG)
+    canary = canary_for(daemon.port, user)
+    declare(queue_name)
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel()
+        yield client, daemon, canary
+
+
+def publish_start(queue: str, size: int) -> bytes:
+    return frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue), 1) + frame.marshal(
+        header.ContentHeader(0, size, commands.Basic.Properties()), 1
+    )
+
+
+def test_a_frame_the_switch_cuts_in_two_is_carried_over(streaming_raw_client, queue_name):
+    client, daemon, canary = streaming_raw_client
+    first, second = os.urandom(100_000), os.urandom(100_000)
+    body = body_frame(1, first) + body_frame(1, second)
+    cut = len(body_frame(1, first)) + 50_000
+    # One read of 150 KB switches the client with half a frame held.
+    client.send(publish_start(queue_name, len(first) + len(second)) + body[:cut])
+    daemon.wait_for_log(SWITCHED)
+    client.send(body[cut:])
+    assert broker_bodies(queue_name, 1) == [first + second]
+    canary.wait_round_trips(3)
+
+
+def test_a_bad_frame_after_the_switch_gets_the_brokers_frame_error(
+    streaming_raw_client, queue_name
+):
+    client, daemon, canary = streaming_raw_client
+    big = os.urandom(100_000)
+    client.send(publish_start(queue_name, len(big)) + body_frame(1, big))
+    daemon.wait_for_log(SWITCHED)
+    client.send(body_frame(1, b"abc")[:-1] + b"\x00")  # a bad frame end
+    close = client.expect_connection_close()
+    assert close.reply_code == ReplyCode.FRAME_ERROR
+    assert broker_bodies(queue_name, 1) == [big]
+    canary.wait_round_trips(3)
