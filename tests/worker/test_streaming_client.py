@@ -1,7 +1,8 @@
 """Clients that stream are read straight into a buffer of their own
 (amqplex/worker/streaming_client.py): what they publish arrives whole and
-in order, a frame cut by the switch is carried over, and a bad frame after
-it gets the broker's own error, with the canary on the same upstream
+in order, a frame cut by the switch is carried over, a client that stops
+streaming goes back to the shared buffer, and a bad frame after the switch
+gets the broker's own error, with the canary on the same upstream
 untouched."""
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pamqp import commands, frame, header
 from amqplex.protocol.constants import ReplyCode
 from tests.conftest import broker_params, proxy_params
 from tests.support.rawclient import RawClient, body_frame
+from tests.support.waiting import wait_until
 
 DEBUG = {"AMQP_LOG_LEVEL": "debug"}
 SWITCHED = "streams: reading it into a buffer of its own"
+SWITCHED_BACK = "stopped streaming"
 
 
 def broker_bodies(queue: str, count: int) -> list[bytes]:
@@ -101,4 +104,20 @@ def test_a_bad_frame_after_the_switch_gets_the_brokers_frame_error(
     close = client.expect_connection_close()
     assert close.reply_code == ReplyCode.FRAME_ERROR
     assert broker_bodies(queue_name, 1) == [big]
+    canary.wait_round_trips(3)
+
+
+def test_a_client_that_stops_streaming_goes_back_and_on_streaming_again_switches_again(
+    streaming_raw_client, queue_name
+):
+    client, daemon, canary = streaming_raw_client
+    sent = [os.urandom(100_000), b"small", os.urandom(100_000), b"small again"]
+    client.send(publish_start(queue_name, len(sent[0])) + body_frame(1, sent[0]))
+    daemon.wait_for_log(SWITCHED)
+    client.send(publish_start(queue_name, len(sent[1])) + body_frame(1, sent[1]))
+    daemon.wait_for_log(SWITCHED_BACK)
+    client.send(publish_start(queue_name, len(sent[2])) + body_frame(1, sent[2]))
+    wait_until(lambda: daemon.log_text().count(SWITCHED) == 2, what="a second switch")
+    client.send(publish_start(queue_name, len(sent[3])) + body_frame(1, sent[3]))
+    assert broker_bodies(queue_name, len(sent)) == sent
     canary.wait_round_trips(3)
