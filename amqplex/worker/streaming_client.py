@@ -9,8 +9,8 @@ byte: 13% of a worker's CPU when publishing 64 KB messages, plus a join for
 each frame that spans reads. Such a client's transport is switched to this
 BufferedProtocol, so the kernel reads into the FrameReader's buffer and
 large bodies leave as views of it (see FrameReader); the session is the
-same. A read smaller than that, with no frame left incomplete, switches it
-back.
+same. A read smaller than that which drained the socket, with no frame
+left incomplete, switches it back.
 """
 
 from __future__ import annotations
@@ -51,11 +51,18 @@ class StreamingClient(asyncio.BufferedProtocol):
             session.fail(error)
             return
         session.frames_received(frames)
-        transport = session.transport
-        if nbytes < STREAMING_READ and not self.reader.buffered and not transport.is_closing():
-            # The stream has stopped: back to the shared read buffer, so a
-            # client gone quiet holds no buffer of its own.
+        reader, transport = self.reader, session.transport
+        if (
+            nbytes < STREAMING_READ
+            and reader.drained
+            and not reader.buffered
+            and not transport.is_closing()
+        ):
+            # The stream has stopped: back to the shared read buffer, and
+            # the reader lets go of its own (the transport may keep this
+            # object until the client streams again or leaves).
             transport.set_protocol(session)
+            reader.release()
             log.debug("client %s stopped streaming", session.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:

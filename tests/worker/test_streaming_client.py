@@ -1,13 +1,14 @@
 """Clients that stream are read straight into a buffer of their own
 (amqplex/worker/streaming_client.py): what they publish arrives whole and
 in order, a frame cut by the switch is carried over, a client that stops
-streaming goes back to the shared buffer, and a bad frame after the switch
-gets the broker's own error, with the canary on the same upstream
-untouched."""
+streaming goes back to the shared buffer, its reads keep it alive, its
+leaving ends its session, and a bad frame while it streams gets the
+broker's own error, with the canary on the same upstream untouched."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pika
 import pytest
@@ -93,17 +94,63 @@ def test_a_frame_the_switch_cuts_in_two_is_carried_over(streaming_raw_client, qu
     canary.wait_round_trips(3)
 
 
-def test_a_bad_frame_after_the_switch_gets_the_brokers_frame_error(
-    streaming_raw_client, queue_name
-):
+def test_a_bad_frame_while_streaming_gets_the_brokers_frame_error(streaming_raw_client, queue_name):
     client, daemon, canary = streaming_raw_client
-    big = os.urandom(100_000)
-    client.send(publish_start(queue_name, len(big)) + body_frame(1, big))
+    body = body_frame(1, os.urandom(100_000))
+    # Half a frame held: the client streams on until it is complete.
+    client.send(publish_start(queue_name, 100_000) + body[:50_000])
     daemon.wait_for_log(SWITCHED)
-    client.send(body_frame(1, b"abc")[:-1] + b"\x00")  # a bad frame end
+    client.send(body[50_000:] + body_frame(1, b"abc")[:-1] + b"\x00")  # a bad frame end
     close = client.expect_connection_close()
     assert close.reply_code == ReplyCode.FRAME_ERROR
-    assert broker_bodies(queue_name, 1) == [big]
+    assert SWITCHED_BACK not in daemon.log_text()
+    canary.wait_round_trips(3)
+
+
+def test_a_streaming_client_that_sends_no_heartbeats_stays_while_it_streams(
+    fresh_amqplexd, user, queue_name
+):
+    """Every read counts as the client being alive: with a heartbeat of 1 s
+    the proxy drops a client silent for two, and this one streams for four
+    without one, never leaving the streaming reader (a frame is always
+    incomplete between its sends)."""
+    daemon = fresh_amqplexd(env=DEBUG)
+    declare(queue_name)
+    body = body_frame(1, os.urandom(60_000))
+    sent = 0
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password, heartbeat=1)
+        client.open_channel()
+        client.send(publish_start(queue_name, 60_000) + body[:40_000])
+        daemon.wait_for_log(SWITCHED)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            client.send(body[40_000:] + publish_start(queue_name, 60_000) + body[:40_000])
+            sent += 1
+        client.send(body[40_000:])
+        sent += 1
+        # Read at the broker before this client closes: unread heartbeats
+        # make its close a reset, which may drop what it sent last.
+        assert len(broker_bodies(queue_name, sent)) == sent
+        assert "missed two heartbeats" not in daemon.log_text()
+    # One switch each way: it streamed throughout, and stopped at the end.
+    daemon.wait_for_log(SWITCHED_BACK)
+    assert daemon.log_text().count(SWITCHED) == daemon.log_text().count(SWITCHED_BACK) == 1
+
+
+def test_a_streaming_client_that_leaves_ends_its_session(streaming_raw_client, queue_name):
+    client, daemon, canary = streaming_raw_client
+    body = body_frame(1, os.urandom(100_000))
+    client.send(publish_start(queue_name, 100_000) + body[:50_000])
+    daemon.wait_for_log(SWITCHED)
+    port = client.sock.getsockname()[1]
+    client.close()
+    peer = f"127.0.0.1:{port}"
+    wait_until(
+        lambda: any("client session ended" in line and peer in line for line in daemon.log_lines()),
+        what="its session's end in the log",
+    )
     canary.wait_round_trips(3)
 
 
