@@ -299,36 +299,24 @@ class FrameSplitter:
         """Bytes of an incomplete frame held back."""
         return self._pending_size if self._pending else 0
 
-    def take_held(self) -> bytes:
-        """The bytes of an incomplete frame held back, which the splitter
-        then forgets: for another reader to go on from."""
-        held = b"".join(self._pending)
-        self._pending = []
-        return held
-
 
 # Sizes of the buffer a read lands in: it doubles while reads fill it and
 # halves while they use under a quarter of it, so a stream gets large reads,
-# and a reader gone quiet keeps only the smallest. That still holds a burst
-# of deliveries: a read that fills the buffer has the event loop read again
-# at once, and from 1 KiB (this was) nearly half of a 256 B consumer's
-# reads were such second reads, a system call each. Readers are few: one an
-# upstream, and one a client while it streams (streaming_client).
+# and an upstream gone quiet keeps only the smallest. That still holds a
+# burst of deliveries: a read that fills the buffer has the event loop read
+# again at once, and from 1 KiB (this was) nearly half of a 256 B
+# consumer's reads were such second reads, a system call each. There are
+# few upstreams; clients' reads are FrameSplitter's.
 MIN_READ = 1 << 16
 MAX_READ = 1 << 18
-# The least room worth reading into before a new buffer is taken: while a
-# body handed out as a view still pins the buffer, each new one costs its
-# whole size, so a buffer is used nearly to its end first.
-MIN_SPACE = 1 << 12
 
 
 class FrameReader:
     """Cuts frames out of what a peer sends, read straight into the reader's
     own buffer (asyncio's BufferedProtocol: get_buffer, then frames): no
     bytes object is made per read and a frame that spans reads is not
-    joined. For an upstream, whose reads are large, and a client while it
-    streams; other clients' reads are small, and FrameSplitter costs fewer
-    Python calls a read for those.
+    joined. For an upstream, whose reads are large; a client's are mostly
+    small, and FrameSplitter costs fewer Python calls a read for those.
 
     Large body frames come out as memoryviews of the buffer (see retarget).
     A region handed out is never written again: the buffer is reused from
@@ -368,7 +356,7 @@ class FrameReader:
         else:
             wanted = self._wanted()
         space = len(self._buf) - end
-        if space < wanted or space < MIN_SPACE or len(self._buf) * 2 <= self._size:
+        if space < wanted or space < MIN_READ or len(self._buf) * 2 <= self._size:
             self._rebuffer()
             end = self._end
             space = len(self._buf) - end
@@ -446,20 +434,6 @@ class FrameReader:
     def buffered(self) -> int:
         """Bytes of an incomplete frame held back."""
         return self._end - self._start
-
-    @property
-    def drained(self) -> bool:
-        """The last read took less room than it was given: the peer had
-        sent no more for now."""
-        return self._last < self._offered
-
-    def release(self) -> None:
-        """Let go of the buffer (frames handed out keep theirs), holding
-        nothing: for a reader that is not read into for now."""
-        assert not self.buffered, "an incomplete frame would be lost"
-        self._buf = bytearray()
-        self._start = self._end = 0
-        self._size = MIN_READ
 
     def _wanted(self) -> int:
         """Bytes the frame under way still needs: all of it once its header

@@ -1,8 +1,7 @@
 """A client connection: the handshake the proxy answers itself, channel 0,
 the client's channel table, heartbeats, and the orderly end of it all.
 
-Where a client frame goes: data_received -> FrameSplitter (or, for a
-client that streams, streaming_client's reader) -> channel 0 here,
+Where a client frame goes: data_received -> FrameSplitter -> channel 0 here,
 or the ClientChannel for its channel id (client_channel.py) -> the upstream
 channel carrying it (upstream_channel.py) -> the upstream's batched writer.
 """
@@ -34,7 +33,6 @@ from amqplex.protocol.constants import (
 )
 from amqplex.protocol.errors import AMQPError, ChannelException, ConnectionException
 from amqplex.protocol.framing import FrameSplitter, method_index
-from amqplex.worker import streaming_client
 from amqplex.worker.client_channel import ClientChannel
 from amqplex.worker.pool import UpstreamUnavailable
 from amqplex.worker.upstream import UpstreamRefused
@@ -119,34 +117,15 @@ class ClientSession(asyncio.Protocol):
         self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.received(len(data))
+        self._last_read = self.loop.time()
+        self.bytes_in += len(data)
         if self.state is State.HEADER:
             data = self._protocol_header(data)
             if not data:
                 return
         try:
             frames = self.splitter.split(data)
-        except ConnectionException as error:
-            self.fail(error)
-            return
-        self.frames_received(frames)
-        if (
-            len(data) >= streaming_client.STREAMING_READ
-            and self.state is State.RUNNING
-            # Under TLS the copy is the least of it: such clients stay.
-            and self.transport.get_extra_info("sslcontext") is None
-        ):
-            streaming_client.switch(self, self.transport, self.splitter.take_held())
-
-    def received(self, nbytes: int) -> None:
-        self._last_read = self.loop.time()
-        self.bytes_in += nbytes
-
-    def frames_received(self, frames: list) -> None:
-        """The frames the client sent, read by the splitter, or by the
-        streaming reader once the session streams (streaming_client)."""
-        self.worker.stats.frames_from_clients += len(frames)
-        try:
+            self.worker.stats.frames_from_clients += len(frames)
             if self.state is State.RUNNING:
                 self._running(frames)
             else:

@@ -6,7 +6,6 @@ buffer's reuse, which must never change a frame already handed out."""
 from __future__ import annotations
 
 import struct
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -548,49 +547,3 @@ def test_method_frame_without_a_method_id_is_the_brokers_frame_error(payload):
         assert (
             raised.value.text == f"FRAME_ERROR - type 1, all octets = <<{octets}>>: unknown_frame"
         )
-
-
-def test_the_splitter_hands_over_an_incomplete_frame_and_forgets_it():
-    data = make_frame(FRAME_BODY, 1, b"x" * 100)
-    splitter = FrameSplitter(4096)
-    assert splitter.split(data[:30]) == []
-    assert splitter.split(data[30:60]) == []
-    assert splitter.take_held() == data[:60]
-    assert splitter.buffered == 0
-    reader = FrameReader(4096)
-    assert reader.feed(data[:60]) == []
-    assert reader.feed(data[60:]) == [(FRAME_BODY, 1, data)]
-
-
-def test_bodies_held_as_views_pin_little_more_than_themselves():
-    """A body handed out as a view pins its buffer; the next read still goes
-    into what is left of it, so 200 reads of one 3 KB body each (a slow
-    client holding them all) pin a few buffers, not one apiece."""
-    reader = FrameReader(131072)
-    kept = []
-    frame = body(3000, 0x62)
-    for _ in range(200):
-        space = reader.get_buffer()
-        space[: len(frame)] = frame
-        space.release()
-        kept.extend(reader.frames(len(frame)))
-    pinned = {id(raw.obj): len(raw.obj) for _, _, raw in kept}
-    assert all(bytes(raw) == frame for _, _, raw in kept)
-    assert sum(pinned.values()) < 2 * 200 * len(frame)
-
-
-def test_a_released_reader_lets_go_of_its_buffer_and_says_when_a_read_drained_the_peer():
-    reader = FrameReader(4096)
-    space = reader.get_buffer()
-    buffer = space.obj
-    space[:8] = HEARTBEAT_FRAME
-    space.release()
-    assert reader.frames(8) == [(FRAME_HEARTBEAT, 0, HEARTBEAT_FRAME)]
-    assert reader.drained
-    reader.release()
-    assert sys.getrefcount(buffer) == 2  # this name and getrefcount's argument
-    full = reader.get_buffer()
-    taken = len(full)
-    full.release()
-    reader.received(taken)
-    assert not reader.drained
