@@ -309,6 +309,10 @@ class FrameSplitter:
 # few upstreams; clients' reads are FrameSplitter's.
 MIN_READ = 1 << 16
 MAX_READ = 1 << 18
+# The least room worth reading into before a new buffer is taken: while a
+# body handed out as a view still pins the buffer, each new one costs its
+# whole size, so a buffer is used nearly to its end first.
+MIN_SPACE = 1 << 12
 
 
 class FrameReader:
@@ -356,7 +360,7 @@ class FrameReader:
         else:
             wanted = self._wanted()
         space = len(self._buf) - end
-        if space < wanted or space < MIN_READ or len(self._buf) * 2 <= self._size:
+        if space < wanted or space < MIN_SPACE or len(self._buf) * 2 <= self._size:
             self._rebuffer()
             end = self._end
             space = len(self._buf) - end
