@@ -114,6 +114,15 @@ append(PyObject *items, long first, PyObject *second, PyObject *third)
     return failed;
 }
 
+/* The frame at pos..last onto items as cut() gives it: (type, channel, piece). */
+static int
+append_frame(PyObject *items, Walk *walk, int type, int channel, uint32_t size, Py_ssize_t pos,
+             Py_ssize_t last)
+{
+    return append(items, type, PyLong_FromLong(channel),
+                  piece(walk, pos, last + 1, type == FRAME_BODY && size > LARGE_BODY));
+}
+
 static int
 bad_frame(Py_ssize_t pos)
 {
@@ -221,11 +230,9 @@ cut(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         found = frame_at(&walk, pos, &type, &channel, &size, &last);
         if (found == 0)
             break;
-        if (found < 0 || append(frames, type, PyLong_FromLong(channel),
-                                piece(&walk, pos, last + 1,
-                                      type == FRAME_BODY && size > LARGE_BODY)) < 0) {
-            if (found < 0)
-                bad_frame(pos);
+        if (found < 0)
+            bad_frame(pos);
+        if (found < 0 || append_frame(frames, &walk, type, channel, size, pos, last) < 0) {
             Py_DECREF(frames);
             return finish_walk(&buffer, &walk, NULL);
         }
@@ -338,9 +345,7 @@ cut_routed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (run.channel < 0 || (type == FRAME_METHOD && contains(&watched, index))) {
             /* Not routed: as cut() gives it, after the run before it. */
             if (end_run(items, &walk, &run, run_start, pos) < 0 ||
-                append(items, type, PyLong_FromLong(channel),
-                       piece(&walk, pos, last + 1, type == FRAME_BODY && size > LARGE_BODY)) <
-                    0)
+                append_frame(items, &walk, type, channel, size, pos, last) < 0)
                 goto fail;
             pos = run_start = last + 1;
             continue;

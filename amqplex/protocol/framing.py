@@ -304,8 +304,8 @@ class FrameSplitter:
 # halves while they use under a quarter of it, so a stream gets large reads,
 # and an upstream gone quiet keeps only the smallest. That still holds a
 # burst of deliveries: a read that fills the buffer has the event loop read
-# again at once, and from 1 KiB (this was) nearly half of a 256 B
-# consumer's reads were such second reads, a system call each. There are
+# again at once, and from 1 KiB, the old smallest size, nearly half of a
+# 256 B consumer's reads were such second reads, a system call each. There are
 # few upstreams; clients' reads are FrameSplitter's.
 MIN_READ = 1 << 16
 MAX_READ = 1 << 18
