@@ -27,9 +27,10 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, upstream: str, workers: int) -> None:
+    def __init__(self, upstream: str, workers: int, env: dict[str, str] | None = None) -> None:
         self.upstream = upstream
         self.workers = workers
+        self.env = env or {}
         self.port = free_port()
         self.metrics_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -45,7 +46,12 @@ class Daemon:
         log_fd, self.log_path = tempfile.mkstemp(prefix="amqplexd-bench-", suffix=".log")
         command = [sys.executable, "-m", "amqplex", self.upstream, "-l", "127.0.0.1"]
         command += ["-p", str(self.port), "-w", str(self.workers)]
-        env = {**os.environ, "AMQP_METRICS_PORT": str(self.metrics_port), "AMQP_DRAIN_TIMEOUT": "2"}
+        env = {
+            **os.environ,
+            "AMQP_METRICS_PORT": str(self.metrics_port),
+            "AMQP_DRAIN_TIMEOUT": "2",
+            **self.env,
+        }
         self.process = subprocess.Popen(
             command, stdout=log_fd, stderr=subprocess.STDOUT, env=env, cwd=ROOT
         )
@@ -81,12 +87,14 @@ class Daemon:
     def worker_rss(self) -> dict[int, int]:
         return {pid: procinfo.rss(pid) for pid in self.worker_pids()}
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_text(self) -> str:
         try:
-            text = Path(self.log_path).read_text(errors="replace")
+            return Path(self.log_path).read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self) -> None:
         """TERM the master (it drains and stops its workers); KILL what is left."""

@@ -7,14 +7,19 @@ import dataclasses
 import time
 
 from bench import frames, procs
-from bench.broker import BROKER
+from bench.broker import BROKER, BROKER_URL
 from bench.context import CEILING, Bench, CpuMeter, gen_cpu, zero_cost_ceiling
+from bench.daemon import Daemon
 from bench.relay import Relay
 from bench.report import Row, Target
 from bench.wire import open_wire
 
 SOCKET_TIMEOUT = 60.0
 WRITE_SIZE = 1 << 16  # bytes handed to the kernel per send
+# pool.min_upstream_connections of the reference run that spreads publishers,
+# and how many clients at most it takes to reach every worker's pool.
+SPREAD_UPSTREAMS = 2
+SPREAD_WARMUP_CLIENTS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +97,12 @@ def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dic
     return {"start": start, "end": end, "cpu": cpu, "got": got}
 
 
-def _meter(bench: Bench, relay: Relay | None) -> CpuMeter:
+def _meter(bench: Bench, relay: Relay | None, daemon: Daemon | None) -> CpuMeter:
     # The bare relay's own CPU is what a one-hop proxy that parses nothing
     # costs: the reference amqplexd's is read against.
-    return bench.meter(relay=[relay.pid]) if relay is not None else bench.meter()
+    if relay is not None:
+        return bench.meter(daemon, relay=[relay.pid])
+    return bench.meter(daemon)
 
 
 def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
@@ -112,16 +119,18 @@ def publish(
     keep: bool = False,
     publishers: int | None = None,
     relay: Relay | None = None,
+    daemon: Daemon | None = None,
 ) -> tuple[Rate, list[str]]:
     """Publish into fresh queues (one per publisher; as many publishers as
     the profile says unless `publishers`) and verify every message landed;
     the queues are deleted unless `keep`. The CPU figures include the
-    `relay`'s own, if one is given."""
+    `relay`'s own, if one is given, and are those of `daemon` if it is not
+    the main amqplexd."""
     count = size.count(bench)
     queues = [bench.admin.queue(label) for _ in range(publishers or bench.profile.publishers)]
     try:
         args = [(addr, queue, size.size, count) for queue in queues]
-        meter = _meter(bench, relay)
+        meter = _meter(bench, relay, daemon)
         _, results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: count for queue in queues})
         if short := [r["declared"] for r in results if r["declared"] != count]:
@@ -146,7 +155,7 @@ def consume(bench: Bench, label: str, addr: tuple, size: Size, relay: Relay | No
     _, queues = publish(bench, f"{label}.fill", BROKER, size, keep=True)
     try:
         args = [(addr, queue, count) for queue in queues]
-        meter = _meter(bench, relay)
+        meter = _meter(bench, relay, None)
         _, results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: 0 for queue in queues})
     finally:
@@ -205,6 +214,7 @@ def run_publish(bench: Bench) -> None:
                     bench.record_worker_rss()
             _report(bench, "publish", size, runs)
     _publish_one_connection(bench, SIZES[0])
+    _publish_spread(bench, SIZES[0])
 
 
 def _publish_one_connection(bench: Bench, size: Size) -> None:
@@ -232,6 +242,44 @@ def _publish_one_connection(bench: Bench, size: Size) -> None:
             proxy.per_second,
         )
     )
+
+
+def _publish_spread(bench: Bench, size: Size) -> None:
+    """The same publishers through an amqplexd asked to keep two upstreams
+    per worker (pool.min_upstream_connections: 2), as an operator with heavy
+    publishers would: by default a worker's publishers share one upstream,
+    and one process at the broker reads it."""
+    env = {"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": str(SPREAD_UPSTREAMS)}
+    with Daemon(BROKER_URL, bench.workers, env) as spread:
+        _reach_every_pool(spread)
+        rate, _ = publish(bench, "publish.spread", spread.addr, size, daemon=spread)
+    bench.details.setdefault("publish", {})[f"{size.label}, spread"] = rate.as_dict()
+    direct = bench.details["publish"][size.label]["direct"]["msg_per_s"]
+    label = f"{size.label} msg/s, pool.min_upstream_connections {SPREAD_UPSTREAMS} (reference)"
+    bench.add(Row("publish", label, "1/s", direct, rate.per_second))
+    busy = [f"{cores:.2f}" for cores in rate.amqplexd if cores >= 0.01]
+    bench.note(
+        f"publish {size.label} spread: amqplexd {rate.cpu['amqplexd'] / rate.per_second * 1e6:.1f}"
+        f" us/msg; its busy processes used {', '.join(busy) or 'no'} cores"
+    )
+
+
+def _reach_every_pool(daemon: Daemon) -> None:
+    """Connect clients until every worker's pool has dialled its upstreams
+    (the kernel picks the worker for each): a client's channel is placed
+    when it opens, so the publishers must find them all open."""
+    opened = f"upstream {SPREAD_UPSTREAMS} for <Pool"
+    wires = []
+    try:
+        while daemon.log_text().count(opened) < daemon.workers:
+            if len(wires) == SPREAD_WARMUP_CLIENTS:
+                raise procs.BenchError(
+                    f"{len(wires)} clients did not reach every worker's pool: {daemon.log_tail()}"
+                )
+            wires.append(open_wire(daemon.addr, SOCKET_TIMEOUT))
+    finally:
+        for wire in wires:
+            wire.close()
 
 
 def run_consume(bench: Bench) -> None:

@@ -76,6 +76,15 @@ class PoolConfig:
     max_upstream_connections: int = setting(
         0, "upstream connections per (user, password, vhost); 0 for no limit", minimum=0
     )
+    min_upstream_connections: int = setting(
+        1,
+        "upstream connections per (user, password, vhost) a worker keeps while it has "
+        "clients for them, putting each new client on the one carrying fewest channels: "
+        "RabbitMQ reads each connection with one process, which caps what one carries, "
+        "so heavy publishers want more than one; capped by max_upstream_connections",
+        minimum=1,
+        maximum=64,
+    )
     max_client_connections: int = setting(
         0, "client connections per worker; 0 for no limit", minimum=0
     )

@@ -2,11 +2,15 @@
 of pools in a worker.
 
 A pool exists only once the broker has accepted its credentials, and a
-pooled upstream is reused only for the identical triple (DESIGN rule 2). It
-fills open upstreams before dialling another (rule 4) and keeps a few
-pre-opened idle channels so a client's Channel.Open costs no round trip.
-When its last upstream is lost it redials with backoff (rule 8); upstreams
-nobody uses are closed by the sweep, and a pool nobody uses disappears.
+pooled upstream is reused only for the identical triple (DESIGN rule 2).
+It fills open upstreams before dialling another (rule 4), unless the
+operator asks for more (pool.min_upstream_connections): then it keeps that
+many while it has clients and puts each new client on the one of them
+carrying fewest channels, since RabbitMQ reads each connection with one
+process. A few pre-opened idle channels answer a client's Channel.Open
+without a round trip. When its last upstream is lost it redials with
+backoff (rule 8); upstreams nobody uses are closed by the sweep, and a pool
+nobody uses disappears.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PoolKey = tuple[Credentials, str]
+Placement = typing.Callable[["Upstream"], tuple[int, int]]
 
 
 class UpstreamUnavailable(Exception):
@@ -61,6 +66,10 @@ class Pool:
         self._owned_by: dict[ClientSession, dict[str, None]] = {}
         self._dial: asyncio.Task | None = None
         self._reconnect: asyncio.Task | None = None
+        # Dials toward min_upstream_connections wait this long after one fails,
+        # so a broker that refuses more connections is not asked at every client.
+        self._spread_backoff = Backoff()
+        self._spread_after = 0.0
         self.unavailable = ""
         self.unused_since: float | None = None
 
@@ -111,6 +120,7 @@ class Pool:
             raise
         finally:
             self._dial = None
+        self._spread_backoff = Backoff()
         metrics.UPSTREAM_DIAL_SECONDS.observe(time.monotonic() - started)
         metrics.UPSTREAM_LAST_DIAL_SUCCESS.set(time.time())
         self.upstreams.append(upstream)
@@ -127,9 +137,16 @@ class Pool:
             # would otherwise wait until acquire_timeout refuses them.
             self._start_dial()
         self.replenish_idle()
+        spreading = len(self.upstreams) <= self.config.pool.min_upstream_connections
+        if spreading and self.config.pool.idle_channels and not upstream.slots:
+            # The pool's idle channels are all elsewhere, yet the next client
+            # goes here (it carries nobody): one ready here answers it at once.
+            upstream.open_channel().for_idle = True
+            self.idle_opening += 1
         return upstream
 
     def _dial_failed(self, error: BaseException) -> None:
+        self._spread_after = time.monotonic() + self._spread_backoff.next_delay()
         self.unavailable = _describe(error)
         log.warning("dial for %r failed: %s", self, self.unavailable)
         for channel in list(self.waiting):
@@ -142,6 +159,19 @@ class Pool:
     def _may_dial(self) -> bool:
         limit = self.config.pool.max_upstream_connections
         return limit == 0 or len(self.upstreams) < limit
+
+    def _spread(self) -> None:
+        """Dial another upstream in the background while the pool has fewer
+        than min_upstream_connections: one broker connection is read by one
+        process, so heavy clients on a single upstream are capped by it."""
+        if (
+            len(self.upstreams) < self.config.pool.min_upstream_connections
+            and self._dial is None
+            and self._reconnect is None
+            and self._may_dial()
+            and time.monotonic() >= self._spread_after
+        ):
+            self._start_dial()
 
     async def _redial(self) -> None:
         """Redial after the last upstream was lost, with backoff, until the
@@ -189,13 +219,29 @@ class Pool:
             if owner_upstream is upstream:
                 self.disown(name, self.owners.get(name))
 
+    def _placement(self, ready: collections.Counter | None = None) -> Placement:
+        """The order in which upstreams take a new channel: of the first
+        min_upstream_connections, the one carrying fewest client channels
+        (with `ready`, fewest carried or ready) first; after them the others
+        in the order they were dialled, so those fill up first (rule 4)."""
+        position = {upstream: index for index, upstream in enumerate(self.upstreams)}
+        spread = self.config.pool.min_upstream_connections
+
+        def key(upstream: Upstream) -> tuple[int, int]:
+            index = position.get(upstream, len(position))
+            if index >= spread:
+                return (1, index)
+            return (0, upstream.carried + (ready[upstream] if ready else 0))
+
+        return key
+
     def _room(self, preferred: Upstream | None) -> Upstream | None:
+        """`preferred` if it has room, else the first upstream with room in
+        placement order."""
         if preferred is not None and preferred.has_room:
             return preferred
-        for upstream in self.upstreams:
-            if upstream.has_room:
-                return upstream
-        return None
+        rooms = [upstream for upstream in self.upstreams if upstream.has_room]
+        return min(rooms, key=self._placement(), default=None)
 
     def channel_freed(self, upstream: Upstream) -> None:
         if self.waiting:
@@ -206,7 +252,9 @@ class Pool:
     def attach(self, channel: ClientChannel) -> None:
         """Carry a client's new channel: an idle pre-opened one if there is one
         (answered at once), else a new channel on an upstream with room, else
-        wait a bounded time for a dial or a freed channel."""
+        wait a bounded time for a dial or a freed channel. A client's first
+        channel goes where fewest are carried; the rest follow it (home)."""
+        self._spread()
         home = channel.session.home
         slot = self._take_idle(home)
         if slot is not None:
@@ -257,15 +305,27 @@ class Pool:
                     self.idle.remove(slot)
                     return slot
             return None
-        return self.idle.popleft()
+        key = self._placement()
+        slot = min(self.idle, key=lambda slot: key(slot.upstream))  # the oldest among equals
+        self.idle.remove(slot)
+        return slot
 
     def replenish_idle(self) -> None:
+        """Open idle channels up to idle_channels, each on the upstream with
+        room where fewest channels are carried or ready, so the upstream the
+        next client is sent to has one ready for it."""
         want = self.config.pool.idle_channels - len(self.idle) - self.idle_opening
+        if want <= 0 or self.waiting:
+            return
+        ready = collections.Counter(slot.upstream for slot in self.idle)
+        key = self._placement(ready)
         for _ in range(want):
-            upstream = self._room(None)
-            if upstream is None or self.waiting:
+            rooms = [upstream for upstream in self.upstreams if upstream.has_room]
+            if not rooms:
                 return
+            upstream = min(rooms, key=key)
             upstream.open_channel().for_idle = True
+            ready[upstream] += 1
             self.idle_opening += 1
 
     def add_idle(self, slot: UpstreamChannel) -> None:
@@ -291,15 +351,17 @@ class Pool:
     # -- idle cleanup ------------------------------------------------------------------
 
     def sweep(self, now: float) -> bool:
-        """Close upstreams that carried no client channel for idle_timeout;
-        True when the whole pool is unused and can be dropped."""
+        """Close upstreams that carried no client channel for idle_timeout,
+        keeping min_upstream_connections while the pool has clients; True
+        when the whole pool is unused and can be dropped."""
         idle_timeout = self.config.pool.idle_timeout
+        keep = self.config.pool.min_upstream_connections if self.sessions else 0
         for upstream in list(self.upstreams):
-            if any(slot.client is not None for slot in upstream.slots.values()):
+            if upstream.carried:
                 upstream.idle_since = None
             elif upstream.idle_since is None:
                 upstream.idle_since = now
-            elif now - upstream.idle_since >= idle_timeout:
+            elif now - upstream.idle_since >= idle_timeout and len(self.upstreams) > keep:
                 log.info(
                     "closing upstream for %r: idle for %.0f s", self, now - upstream.idle_since
                 )

@@ -93,6 +93,9 @@ class Upstream(asyncio.BufferedProtocol):
         # session, renumbered where they were read (see UpstreamChannel.attach).
         self.routes: dict[int, Route] = {}
         self.free_ids: collections.deque[int] = collections.deque()
+        # Client channels it carries now (UpstreamChannel.attach/detach): the
+        # pool puts a new client on the upstream carrying fewest.
+        self.carried = 0
         self.server_properties: dict = {}
         self.channel_max = 0
         self.frame_max = 0

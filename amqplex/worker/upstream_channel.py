@@ -72,11 +72,15 @@ class UpstreamChannel:
         straight to the client's session unless the proxy must act on it
         (Upstream.routes, framing.cut_routed), or unless the client took a
         frame_max smaller than the broker's and bodies must be re-cut."""
+        if self.client is None:
+            self.upstream.carried += 1
         self.client = client
         if client.session.frame_max >= self.upstream.frame_max:
             self.upstream.routes[self.uid] = (*client.cid_bytes, client.session)
 
     def detach(self) -> None:
+        if self.client is not None:
+            self.upstream.carried -= 1
         self.client = None
         self.upstream.routes.pop(self.uid, None)
 

@@ -30,6 +30,8 @@ from tests.support.waiting import wait_until
 
 # Pre-opened idle channels each pool keeps (PoolConfig.idle_channels).
 IDLE_CHANNELS = 4
+# A pool that keeps two upstreams and spreads its clients over them.
+TWO_UPSTREAMS = {"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": "2"}
 
 
 def message_count(queue: str) -> int:
@@ -257,14 +259,98 @@ def test_500_concurrent_short_lived_clients_share_at_most_two_upstreams(
     print(f"500 short-lived clients in {elapsed:.1f} s")
 
 
-def test_sequential_clients_reuse_one_upstream(amqplexd, user, queue_name):
-    declare_queue(queue_name)
-    for i in range(20):
-        connection = pika.BlockingConnection(proxy_params(amqplexd.port, user))
-        connection.channel().basic_publish("", queue_name, str(i).encode())
+def sequential_publishers(port: int, user, queue: str, count: int) -> None:
+    declare_queue(queue)
+    for i in range(count):
+        connection = pika.BlockingConnection(proxy_params(port, user))
+        connection.channel().basic_publish("", queue, str(i).encode())
         connection.close()
-    wait_messages(queue_name, 20)
+    wait_messages(queue, count)
+
+
+def test_sequential_clients_reuse_one_upstream(fresh_amqplexd, user, queue_name):
+    daemon = fresh_amqplexd()
+    sequential_publishers(daemon.port, user, queue_name, 20)
     assert len(broker.proxy_connections(user.name)) == 1
+    assert upstreams_opened(daemon, user.name) == 1
+
+
+def test_with_two_min_upstreams_sequential_clients_share_two(fresh_amqplexd, user, queue_name):
+    daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
+    sequential_publishers(daemon.port, user, queue_name, 20)
+    wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+    assert upstreams_opened(daemon, user.name) == 2, "extra upstreams came and went"
+
+
+def consumers_by_upstream(user: str) -> list[int]:
+    """Consumers the broker counts on each connection of `user`, fewest first."""
+    out = rabbitmqctl(
+        "list_channels", "--formatter", "json", "connection", "user", "consumer_count"
+    )
+    counts: collections.Counter[str] = collections.Counter()
+    for row in json_rows(out):
+        if row["user"] == user and row["consumer_count"]:
+            counts[str(row["connection"])] += row["consumer_count"]
+    return sorted(counts.values())
+
+
+def test_with_two_min_upstreams_new_clients_go_to_the_one_carrying_fewest(fresh_amqplexd, user):
+    """RabbitMQ reads each connection with one process, so heavy clients on
+    one upstream would share what it reads. Asked to, the pool keeps two
+    upstreams and puts each new client on the one carrying fewest channels."""
+    daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
+    clients = []
+    try:
+        for i in range(4):
+            connection = pika.BlockingConnection(proxy_params(daemon.port, user))
+            clients.append(connection)
+            channel = connection.channel()
+            queue = channel.queue_declare("", exclusive=True).method.queue
+            channel.basic_consume(queue, lambda *args: None)
+            if i == 0:
+                wait_until(
+                    lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams"
+                )
+        assert consumers_by_upstream(user.name) == [2, 2]
+        assert upstreams_opened(daemon, user.name) == 2
+    finally:
+        for connection in clients:
+            connection.close()
+
+
+def test_min_upstreams_stay_while_the_pool_has_clients(fresh_amqplexd, user):
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_POOL_IDLE_TIMEOUT": "0.3",
+            "AMQP_POOL_CLEANUP_INTERVAL": "0.1",
+            **TWO_UPSTREAMS,
+        }
+    )
+    held = pika.BlockingConnection(proxy_params(daemon.port, user))
+    held.channel()
+    wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+    # The second carries nobody, idle far past idle_timeout, and is kept: the
+    # next client (or the next burst) needs it while the pool is in use.
+    watched_until = time.monotonic() + 2
+    while time.monotonic() < watched_until:
+        assert len(broker.proxy_connections(user.name)) == 2
+    assert "closing upstream" not in daemon.log_text()
+    held.close()
+    wait_until(lambda: not broker.proxy_connections(user.name), timeout=20, interval=0.5)
+
+
+def test_a_broker_that_refuses_a_second_upstream_is_not_asked_at_every_client(
+    fresh_amqplexd, user, queue_name
+):
+    rabbitmqctl("set_user_limits", user.name, '{"max-connections": 1}')
+    daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
+    started = time.monotonic()
+    sequential_publishers(daemon.port, user, queue_name, 30)
+    elapsed = time.monotonic() - started
+    assert len(broker.proxy_connections(user.name)) == 1
+    failed = daemon.log_text().count(f"dial for <Pool user='{user.name}'")
+    # Retries back off from 0.5 s, doubling: a handful in the run, not 30.
+    assert 1 <= failed <= 2 + math.log2(1 + elapsed / 0.5), (failed, elapsed)
 
 
 # -- channels per upstream -----------------------------------------------------------
