@@ -107,7 +107,10 @@ class PoolConfig:
         minimum=0.1,
     )
     idle_timeout: float = setting(
-        300.0, "an upstream with no client channels this long (s) is closed", minimum=0
+        300.0,
+        "an upstream with no client channels this long (s) is closed, but for the "
+        "min_upstream_connections a pool keeps while it has clients",
+        minimum=0,
     )
     cleanup_interval: float = setting(
         30.0, "how often (s) idle upstreams are looked for", minimum=0.1

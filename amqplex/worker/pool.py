@@ -37,7 +37,6 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PoolKey = tuple[Credentials, str]
-Placement = typing.Callable[["Upstream"], tuple[int, int]]
 
 
 class UpstreamUnavailable(Exception):
@@ -51,7 +50,7 @@ class Pool:
         self.credentials = credentials
         self.vhost = vhost
         self.upstreams: list[Upstream] = []
-        self.idle: collections.deque[UpstreamChannel] = collections.deque()
+        # Channels being opened to be idle (each upstream holds its open ones).
         self.idle_opening = 0
         # Client channels waiting for an upstream with room, each with the
         # timer that refuses it if none comes in time.
@@ -66,8 +65,8 @@ class Pool:
         self._owned_by: dict[ClientSession, dict[str, None]] = {}
         self._dial: asyncio.Task | None = None
         self._reconnect: asyncio.Task | None = None
-        # Dials toward min_upstream_connections wait this long after one fails,
-        # so a broker that refuses more connections is not asked at every client.
+        # Dials toward min_upstream_connections wait this long after any dial
+        # fails, so a broker refusing more connections is not asked at every client.
         self._spread_backoff = Backoff()
         self._spread_after = 0.0
         self.unavailable = ""
@@ -101,6 +100,9 @@ class Pool:
     def _start_dial(self, login: Upstream | None = None) -> None:
         if self._dial is None:
             self._dial = self.worker.spawn(self._dial_once(login))
+            # A dial toward the minimum has nobody awaiting it: its failure
+            # is logged by _dial_failed, not again as an unretrieved error.
+            self._dial.add_done_callback(_retrieve)
 
     async def _dial_once(self, login: Upstream | None) -> Upstream:
         started = time.monotonic()
@@ -121,6 +123,7 @@ class Pool:
         finally:
             self._dial = None
         self._spread_backoff = Backoff()
+        self._spread_after = 0.0
         metrics.UPSTREAM_DIAL_SECONDS.observe(time.monotonic() - started)
         metrics.UPSTREAM_LAST_DIAL_SUCCESS.set(time.time())
         self.upstreams.append(upstream)
@@ -136,13 +139,8 @@ class Pool:
             # More clients waited than this upstream had room for: the rest
             # would otherwise wait until acquire_timeout refuses them.
             self._start_dial()
+        self._ready_one(upstream)
         self.replenish_idle()
-        spreading = len(self.upstreams) <= self.config.pool.min_upstream_connections
-        if spreading and self.config.pool.idle_channels and not upstream.slots:
-            # The pool's idle channels are all elsewhere, yet the next client
-            # goes here (it carries nobody): one ready here answers it at once.
-            upstream.open_channel().for_idle = True
-            self.idle_opening += 1
         return upstream
 
     def _dial_failed(self, error: BaseException) -> None:
@@ -209,39 +207,48 @@ class Pool:
         if not self.upstreams and self._reconnect is None:
             self.unavailable = reason
             self._reconnect = self.worker.spawn(self._redial())
+        else:
+            self._spread()
 
     def _forget(self, upstream: Upstream) -> None:
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
-        self.idle = collections.deque(s for s in self.idle if s.upstream is not upstream)
+        upstream.idle.clear()
         self.idle_opening = sum(1 for u in self.upstreams for s in u.slots.values() if s.for_idle)
         for name, owner_upstream in list(self._owned_on.items()):
             if owner_upstream is upstream:
                 self.disown(name, self.owners.get(name))
 
-    def _placement(self, ready: collections.Counter | None = None) -> Placement:
-        """The order in which upstreams take a new channel: of the first
-        min_upstream_connections, the one carrying fewest client channels
-        (with `ready`, fewest carried or ready) first; after them the others
-        in the order they were dialled, so those fill up first (rule 4)."""
-        position = {upstream: index for index, upstream in enumerate(self.upstreams)}
+    def _best(
+        self, upstreams: list[Upstream], opened: collections.Counter | None = None
+    ) -> Upstream | None:
+        """Of `upstreams`, the one a new channel goes to: among the pool's
+        first min_upstream_connections, the one carrying fewest client
+        channels (given `opened`, fewest carried or idle, counting those
+        being opened); past them the earliest dialled, so later ones fill
+        only when those are full (rule 4)."""
+        if len(upstreams) == 1:
+            return upstreams[0]
         spread = self.config.pool.min_upstream_connections
-
-        def key(upstream: Upstream) -> tuple[int, int]:
-            index = position.get(upstream, len(position))
+        best, best_key = None, (2, 0)
+        for index, upstream in enumerate(self.upstreams):
+            if upstream not in upstreams:
+                continue
             if index >= spread:
-                return (1, index)
-            return (0, upstream.carried + (ready[upstream] if ready else 0))
-
-        return key
+                key = (1, index)
+            elif opened is None:
+                key = (0, upstream.carried)
+            else:
+                key = (0, upstream.carried + len(upstream.idle) + opened[upstream])
+            if key < best_key:
+                best, best_key = upstream, key
+        return best
 
     def _room(self, preferred: Upstream | None) -> Upstream | None:
-        """`preferred` if it has room, else the first upstream with room in
-        placement order."""
+        """`preferred` if it has room, else the best upstream with room."""
         if preferred is not None and preferred.has_room:
             return preferred
-        rooms = [upstream for upstream in self.upstreams if upstream.has_room]
-        return min(rooms, key=self._placement(), default=None)
+        return self._best([upstream for upstream in self.upstreams if upstream.has_room])
 
     def channel_freed(self, upstream: Upstream) -> None:
         if self.waiting:
@@ -250,20 +257,25 @@ class Pool:
     # -- client channels -----------------------------------------------------------
 
     def attach(self, channel: ClientChannel) -> None:
-        """Carry a client's new channel: an idle pre-opened one if there is one
-        (answered at once), else a new channel on an upstream with room, else
-        wait a bounded time for a dial or a freed channel. A client's first
-        channel goes where fewest are carried; the rest follow it (home)."""
+        """Carry a client's new channel on the client's home upstream if it
+        has one with an idle channel or room, else on the best upstream
+        (_best): an idle pre-opened channel there is answered at once, else a
+        new one is opened; with no room anywhere, wait a bounded time for a
+        dial or a freed channel."""
         self._spread()
         home = channel.session.home
-        slot = self._take_idle(home)
-        if slot is not None:
-            channel.bind(slot, answer_open=False)
-            self.replenish_idle()
-            return
-        upstream = self._room(home)
+        if home is not None and not home.closed and (home.idle or home.has_room):
+            upstream = home
+        else:
+            usable = [u for u in self.upstreams if u.idle or u.has_room]
+            upstream = self._best(usable) if usable else None
         if upstream is not None:
-            channel.bind(upstream.open_channel(), answer_open=True)
+            if upstream.idle:
+                channel.bind(upstream.idle.popleft(), answer_open=False)
+                self.replenish_idle()
+            else:
+                channel.bind(upstream.open_channel(), answer_open=True)
+                self._ready_one(upstream)
             return
         timeout = self.config.pool.acquire_timeout
         self.waiting[channel] = self.worker.loop.call_later(timeout, self._waited_too_long, channel)
@@ -296,36 +308,35 @@ class Pool:
             self._stop_waiting(channel)
             channel.bind(upstream.open_channel(), answer_open=True)
 
-    def _take_idle(self, home: Upstream | None) -> UpstreamChannel | None:
-        if not self.idle:
-            return None
-        if home is not None and not home.closed:
-            for slot in self.idle:
-                if slot.upstream is home:
-                    self.idle.remove(slot)
-                    return slot
-            return None
-        key = self._placement()
-        slot = min(self.idle, key=lambda slot: key(slot.upstream))  # the oldest among equals
-        self.idle.remove(slot)
-        return slot
+    def _idle_count(self) -> int:
+        return sum(len(upstream.idle) for upstream in self.upstreams)
 
     def replenish_idle(self) -> None:
-        """Open idle channels up to idle_channels, each on the upstream with
-        room where fewest channels are carried or ready, so the upstream the
-        next client is sent to has one ready for it."""
-        want = self.config.pool.idle_channels - len(self.idle) - self.idle_opening
+        """Open idle channels up to idle_channels, each where the next client
+        would go (_best, counting what is idle there), so it finds one ready."""
+        want = self.config.pool.idle_channels - self._idle_count() - self.idle_opening
         if want <= 0 or self.waiting:
             return
-        ready = collections.Counter(slot.upstream for slot in self.idle)
-        key = self._placement(ready)
+        opened: collections.Counter[Upstream] = collections.Counter()
         for _ in range(want):
-            rooms = [upstream for upstream in self.upstreams if upstream.has_room]
-            if not rooms:
+            upstream = self._best([u for u in self.upstreams if u.has_room], opened)
+            if upstream is None:
                 return
-            upstream = min(rooms, key=key)
             upstream.open_channel().for_idle = True
-            ready[upstream] += 1
+            opened[upstream] += 1
+            self.idle_opening += 1
+
+    def _ready_one(self, upstream: Upstream) -> None:
+        """When clients are spread, one idle channel on an upstream that has
+        none: clients are sent where fewest are carried, which need not be
+        where the idle channels are, and each would wait a round trip."""
+        if (
+            self.config.pool.min_upstream_connections > 1
+            and self.config.pool.idle_channels
+            and not upstream.idle
+            and upstream.has_room
+        ):
+            upstream.open_channel().for_idle = True
             self.idle_opening += 1
 
     def add_idle(self, slot: UpstreamChannel) -> None:
@@ -339,14 +350,16 @@ class Pool:
         """An open channel nobody uses: keep it ready, unless enough are."""
         if slot.upstream.closed:
             return
-        if len(self.idle) >= self.config.pool.max_idle_channels:
-            slot.close()
-            return
-        self.idle.append(slot)
+        slot.upstream.idle.append(slot)
+        if self._idle_count() > self.config.pool.max_idle_channels:
+            # Enough are ready: close the oldest where most are idle, so the
+            # idle channels stay where clients are sent.
+            fullest = max(self.upstreams, key=lambda upstream: len(upstream.idle))
+            fullest.idle.popleft().close()
 
     def forget_idle(self, slot: UpstreamChannel) -> None:
-        if slot in self.idle:
-            self.idle.remove(slot)
+        if slot in slot.upstream.idle:
+            slot.upstream.idle.remove(slot)
 
     # -- idle cleanup ------------------------------------------------------------------
 
@@ -527,6 +540,11 @@ class Pools:
             if pool.sweep(now):
                 log.info("dropping unused %r", pool)
                 self.discard(pool)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _describe(error: BaseException) -> str:

@@ -93,9 +93,10 @@ class Upstream(asyncio.BufferedProtocol):
         # session, renumbered where they were read (see UpstreamChannel.attach).
         self.routes: dict[int, Route] = {}
         self.free_ids: collections.deque[int] = collections.deque()
-        # Client channels it carries now (UpstreamChannel.attach/detach): the
-        # pool puts a new client on the upstream carrying fewest.
+        # Client channels it carries now (UpstreamChannel.attach/detach), and
+        # its open channels nobody uses, kept ready by the pool.
         self.carried = 0
+        self.idle: collections.deque[UpstreamChannel] = collections.deque()
         self.server_properties: dict = {}
         self.channel_max = 0
         self.frame_max = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -275,7 +276,9 @@ def test_sequential_clients_reuse_one_upstream(fresh_amqplexd, user, queue_name)
     assert upstreams_opened(daemon, user.name) == 1
 
 
-def test_with_two_min_upstreams_sequential_clients_share_two(fresh_amqplexd, user, queue_name):
+def test_with_two_min_upstreams_sequential_clients_dial_two_and_no_more(
+    fresh_amqplexd, user, queue_name
+):
     daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
     sequential_publishers(daemon.port, user, queue_name, 20)
     wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
@@ -299,23 +302,56 @@ def test_with_two_min_upstreams_new_clients_go_to_the_one_carrying_fewest(fresh_
     one upstream would share what it reads. Asked to, the pool keeps two
     upstreams and puts each new client on the one carrying fewest channels."""
     daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
-    clients = []
+    clients = [consumer(daemon.port, user)]
     try:
-        for i in range(4):
-            connection = pika.BlockingConnection(proxy_params(daemon.port, user))
-            clients.append(connection)
-            channel = connection.channel()
-            queue = channel.queue_declare("", exclusive=True).method.queue
-            channel.basic_consume(queue, lambda *args: None)
-            if i == 0:
-                wait_until(
-                    lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams"
-                )
+        wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+        clients += [consumer(daemon.port, user) for _ in range(3)]
         assert consumers_by_upstream(user.name) == [2, 2]
         assert upstreams_opened(daemon, user.name) == 2
     finally:
         for connection in clients:
             connection.close()
+
+
+def test_with_two_min_upstreams_clients_spread_when_the_idle_channels_are_on_one(
+    fresh_amqplexd, user
+):
+    """A burst while the broker refused a second connection leaves all the
+    pool's idle channels on the first upstream; once the second is up, new
+    clients still alternate, not follow the idle channels."""
+    rabbitmqctl("set_user_limits", user.name, '{"max-connections": 1}')
+    daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
+    burst = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(10)]
+    for connection in burst:
+        connection.channel()
+    for connection in burst:
+        connection.close()
+    rabbitmqctl("clear_user_limits", user.name, "max-connections")
+
+    def second_upstream() -> bool:
+        # A client's channel is what makes the pool dial toward its minimum
+        # (once the backoff after the refusals has passed).
+        with contextlib.closing(pika.BlockingConnection(proxy_params(daemon.port, user))) as c:
+            c.channel()
+        return len(broker.proxy_connections(user.name)) == 2
+
+    wait_until(second_upstream, timeout=20, what="the second upstream")
+    clients = []
+    try:
+        clients = [consumer(daemon.port, user) for _ in range(4)]
+        assert consumers_by_upstream(user.name) == [2, 2]
+    finally:
+        for connection in clients:
+            connection.close()
+
+
+def consumer(port: int, user) -> pika.BlockingConnection:
+    """A client with one channel consuming from a queue of its own."""
+    connection = pika.BlockingConnection(proxy_params(port, user))
+    channel = connection.channel()
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.basic_consume(queue, lambda *args: None)
+    return connection
 
 
 def test_min_upstreams_stay_while_the_pool_has_clients(fresh_amqplexd, user):
