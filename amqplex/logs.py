@@ -9,22 +9,57 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
 
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
+class _Pid:
+    """This process's id, read once and again after a fork: a LogRecord
+    would ask the kernel for it on every line (logging.logProcesses)."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.refresh)
+
+
 class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, built directly: the generic Formatter path and a
+    strftime per line cost more than the line, one per client session."""
+
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        if record.exc_info or record.stack_info:
+            record.process = _Pid.value
+            line = super().format(record)
+        else:
+            line = (
+                f"{self._asctime(record)} {_Pid.value} {record.levelname} {record.name}: "
+                f"{record.getMessage()}"
+            )
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{key}={_text(value)}" for key, value in fields.items())
         return line
+
+    def _asctime(self, record: logging.LogRecord) -> str:
+        """As Formatter.formatTime writes it, the date and time made once a second."""
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
 
 
 class JSONFormatter(logging.Formatter):
@@ -34,7 +69,7 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": record.process,
+            "pid": _Pid.value,
             "message": record.getMessage(),
         }
         entry.update(getattr(record, "fields", None) or {})
@@ -66,12 +101,14 @@ class BufferedHandler(logging.handlers.MemoryHandler):
 
 
 def configure(level: str, format: str) -> None:
-    # Nothing here prints a line's source, thread or process name: not
-    # collecting them makes each record cheaper (the logging HOWTO's
-    # "Optimization"), which counts at one line per client session.
+    # Nothing here prints a line's source, thread or process name, and the
+    # formatters know the process id (_Pid): not collecting them makes each
+    # record cheaper (the logging HOWTO's "Optimization"), which counts at
+    # one line per client session.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if format == "json" else TextFormatter())
     root = logging.getLogger()
