@@ -9,25 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import os
 import sys
 import time
 
+from amqplex import procid
+
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-
-
-class _Pid:
-    """This process's id, read once and again after a fork: a LogRecord
-    would ask the kernel for it on every line (logging.logProcesses)."""
-
-    value = os.getpid()
-
-    @classmethod
-    def refresh(cls) -> None:
-        cls.value = os.getpid()
-
-
-os.register_at_fork(after_in_child=_Pid.refresh)
 
 
 class TextFormatter(logging.Formatter):
@@ -41,11 +28,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.stack_info:
-            record.process = _Pid.value
+            record.process = procid.current()
             line = super().format(record)
         else:
             line = (
-                f"{self._asctime(record)} {_Pid.value} {record.levelname} {record.name}: "
+                f"{self._asctime(record)} {procid.current()} {record.levelname} {record.name}: "
                 f"{record.getMessage()}"
             )
         fields = getattr(record, "fields", None)
@@ -69,7 +56,7 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": _Pid.value,
+            "pid": procid.current(),
             "message": record.getMessage(),
         }
         entry.update(getattr(record, "fields", None) or {})
@@ -102,7 +89,7 @@ class BufferedHandler(logging.handlers.MemoryHandler):
 
 def configure(level: str, format: str) -> None:
     # Nothing here prints a line's source, thread or process name, and the
-    # formatters know the process id (_Pid): not collecting them makes each
+    # formatters know the process id (procid): not collecting them makes each
     # record cheaper (the logging HOWTO's "Optimization"), which counts at
     # one line per client session.
     logging._srcfile = None

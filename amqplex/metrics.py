@@ -8,7 +8,14 @@ user name, password or address; every label's values are a small fixed set.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, values
+
+from amqplex import procid
+
+if values.ValueClass is not values.MutexValue:
+    # Multiprocess mode: each update checks whether the process forked, and
+    # with os.getpid (the default) that is a system call per update.
+    values.ValueClass = values.MultiProcessValue(process_identifier=procid.current)
 
 # The six of the AMQPlex README.
 ACTIVE_CLIENTS = Gauge(
