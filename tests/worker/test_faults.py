@@ -165,3 +165,35 @@ def test_a_broker_closing_the_upstream_closes_its_clients_with_320(fresh_amqplex
     expect_forced_close(clients, "closed by a test", since=time.monotonic(), within=1.5)
     # The pool redials with backoff: the same user is served again.
     wait_until(lambda: can_connect(daemon.port, user), timeout=10)
+
+
+def test_with_two_min_upstreams_a_lost_one_closes_only_its_clients_and_is_redialled(
+    fresh_amqplexd, user
+):
+    from tests.support.broker import proxy_connections, rabbitmqctl
+    from tests.worker.test_pool import upstreams_opened
+
+    daemon = fresh_amqplexd(env={"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": "2"})
+    first = client_with_channel(daemon.port, user)
+    wait_until(lambda: len(proxy_connections(user.name)) == 2, what="two upstreams")
+    second = client_with_channel(daemon.port, user)  # on the one carrying nobody
+    rows = rabbitmqctl("list_connections", "pid", "user").splitlines()
+    pid = next(row.split()[0] for row in rows if row.split()[-1:] == [user.name])
+    rabbitmqctl("close_connection", pid, "closed by a test")
+    closed, alive = [], []
+    for client in (first, second):
+        try:
+            got = client.read_method(timeout=2)
+        except TimeoutError:
+            alive.append(client)
+            continue
+        assert got is not None and isinstance(got[1], commands.Connection.Close), got
+        assert got[1].reply_code == 320 and "closed by a test" in got[1].reply_text
+        closed.append(client)
+    assert len(closed) == len(alive) == 1
+    # The pool dials toward its minimum again, with no new channel to ask it.
+    wait_until(lambda: len(proxy_connections(user.name)) == 2, what="the minimum again")
+    assert upstreams_opened(daemon, user.name) == 3
+    alive[0].open_channel(2)  # a round trip: the survivor's upstream still works
+    for client in (first, second):
+        client.close()
