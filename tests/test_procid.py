@@ -16,8 +16,10 @@ def test_a_forked_child_sees_its_own_id():
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
-        os.write(write, f"{procid.current()} {os.getpid()}".encode())
-        os._exit(0)
+        try:
+            os.write(write, f"{procid.current()} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         seen, actual = map(int, pipe.read().split())

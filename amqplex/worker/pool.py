@@ -16,7 +16,6 @@ nobody uses disappears.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 import typing
@@ -50,8 +49,6 @@ class Pool:
         self.credentials = credentials
         self.vhost = vhost
         self.upstreams: list[Upstream] = []
-        # Channels being opened to be idle (each upstream holds its open ones).
-        self.idle_opening = 0
         # Client channels waiting for an upstream with room, each with the
         # timer that refuses it if none comes in time.
         self.waiting: dict[ClientChannel, asyncio.TimerHandle] = {}
@@ -69,6 +66,8 @@ class Pool:
         # fails, so a broker refusing more connections is not asked at every client.
         self._spread_backoff = Backoff()
         self._spread_after = 0.0
+        # The last dial failure _dial_failed logged (see _dial_done).
+        self._reported: BaseException | None = None
         self.unavailable = ""
         self.unused_since: float | None = None
 
@@ -100,9 +99,7 @@ class Pool:
     def _start_dial(self, login: Upstream | None = None) -> None:
         if self._dial is None:
             self._dial = self.worker.spawn(self._dial_once(login))
-            # A dial toward the minimum has nobody awaiting it: its failure
-            # is logged by _dial_failed, not again as an unretrieved error.
-            self._dial.add_done_callback(_retrieve)
+            self._dial.add_done_callback(self._dial_done)
 
     async def _dial_once(self, login: Upstream | None) -> Upstream:
         started = time.monotonic()
@@ -143,7 +140,18 @@ class Pool:
         self.replenish_idle()
         return upstream
 
+    def _dial_done(self, dial: asyncio.Task) -> None:
+        """A dial toward the minimum has nobody awaiting it: a failure
+        _dial_failed logged is not logged again as never retrieved, and any
+        other is logged as the bug it is."""
+        if dial.cancelled():
+            return
+        error = dial.exception()
+        if error is not None and error is not self._reported:
+            log.error("dial for %r failed", self, exc_info=error)
+
     def _dial_failed(self, error: BaseException) -> None:
+        self._reported = error
         self._spread_after = time.monotonic() + self._spread_backoff.next_delay()
         self.unavailable = _describe(error)
         log.warning("dial for %r failed: %s", self, self.unavailable)
@@ -214,19 +222,16 @@ class Pool:
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
         upstream.idle.clear()
-        self.idle_opening = sum(1 for u in self.upstreams for s in u.slots.values() if s.for_idle)
         for name, owner_upstream in list(self._owned_on.items()):
             if owner_upstream is upstream:
                 self.disown(name, self.owners.get(name))
 
-    def _best(
-        self, upstreams: list[Upstream], opened: collections.Counter | None = None
-    ) -> Upstream | None:
+    def _best(self, upstreams: list[Upstream], with_idle: bool = False) -> Upstream | None:
         """Of `upstreams`, the one a new channel goes to: among the pool's
         first min_upstream_connections, the one carrying fewest client
-        channels (given `opened`, fewest carried or idle, counting those
-        being opened); past them the earliest dialled, so later ones fill
-        only when those are full (rule 4)."""
+        channels (`with_idle`: fewest carried or idle, counting those being
+        opened); past them the earliest dialled, so later ones fill only
+        when those are full (rule 4)."""
         if len(upstreams) == 1:
             return upstreams[0]
         spread = self.config.pool.min_upstream_connections
@@ -236,10 +241,10 @@ class Pool:
                 continue
             if index >= spread:
                 key = (1, index)
-            elif opened is None:
-                key = (0, upstream.carried)
+            elif with_idle:
+                key = (0, upstream.carried + len(upstream.idle) + upstream.idle_opening)
             else:
-                key = (0, upstream.carried + len(upstream.idle) + opened[upstream])
+                key = (0, upstream.carried)
             if key < best_key:
                 best, best_key = upstream, key
         return best
@@ -269,13 +274,17 @@ class Pool:
         else:
             usable = [u for u in self.upstreams if u.idle or u.has_room]
             upstream = self._best(usable) if usable else None
+            if upstream is not None and not upstream.idle and not self._spreading:
+                # Filled one by one (rule 4): an idle channel elsewhere answers
+                # at once, where a new one here would cost a round trip.
+                upstream = next((u for u in usable if u.idle), upstream)
         if upstream is not None:
             if upstream.idle:
                 channel.bind(upstream.idle.popleft(), answer_open=False)
                 self.replenish_idle()
             else:
                 channel.bind(upstream.open_channel(), answer_open=True)
-                self._ready_one(upstream)
+            self._ready_one(upstream)
             return
         timeout = self.config.pool.acquire_timeout
         self.waiting[channel] = self.worker.loop.call_later(timeout, self._waited_too_long, channel)
@@ -314,42 +323,49 @@ class Pool:
     def replenish_idle(self) -> None:
         """Open idle channels up to idle_channels, each where the next client
         would go (_best, counting what is idle there), so it finds one ready."""
-        want = self.config.pool.idle_channels - self._idle_count() - self.idle_opening
+        want = self.config.pool.idle_channels - self._idle_count()
+        want -= sum(upstream.idle_opening for upstream in self.upstreams)
         if want <= 0 or self.waiting:
             return
-        opened: collections.Counter[Upstream] = collections.Counter()
         for _ in range(want):
-            upstream = self._best([u for u in self.upstreams if u.has_room], opened)
+            upstream = self._best([u for u in self.upstreams if u.has_room], with_idle=True)
             if upstream is None:
                 return
-            upstream.open_channel().for_idle = True
-            opened[upstream] += 1
-            self.idle_opening += 1
+            upstream.open_idle_channel()
+
+    @property
+    def _spreading(self) -> bool:
+        return self.config.pool.min_upstream_connections > 1
 
     def _ready_one(self, upstream: Upstream) -> None:
         """When clients are spread, one idle channel on an upstream that has
-        none: clients are sent where fewest are carried, which need not be
-        where the idle channels are, and each would wait a round trip."""
+        none ready or coming: clients are sent where fewest are carried,
+        which need not be where the idle channels are, and each would wait a
+        round trip."""
         if (
-            self.config.pool.min_upstream_connections > 1
+            self._spreading
             and self.config.pool.idle_channels
             and not upstream.idle
+            and not upstream.idle_opening
             and upstream.has_room
         ):
-            upstream.open_channel().for_idle = True
-            self.idle_opening += 1
+            upstream.open_idle_channel()
 
     def add_idle(self, slot: UpstreamChannel) -> None:
         """A channel the pool opened to be idle is open."""
-        if slot.for_idle:
-            slot.for_idle = False
-            self.idle_opening = max(0, self.idle_opening - 1)
+        slot.upstream.idle_opened(slot)
         self.return_idle(slot)
 
     def return_idle(self, slot: UpstreamChannel) -> None:
         """An open channel nobody uses: keep it ready, unless enough are."""
         if slot.upstream.closed:
             return
+        for channel in list(self.waiting):
+            # A client waits for a channel (every id in use): this one is ready.
+            self._stop_waiting(channel)
+            if channel.session.channels.get(channel.cid) is channel:
+                channel.bind(slot, answer_open=False)
+                return
         slot.upstream.idle.append(slot)
         if self._idle_count() > self.config.pool.max_idle_channels:
             # Enough are ready: close the oldest where most are idle, so the
@@ -540,11 +556,6 @@ class Pools:
             if pool.sweep(now):
                 log.info("dropping unused %r", pool)
                 self.discard(pool)
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _describe(error: BaseException) -> str:

@@ -93,10 +93,12 @@ class Upstream(asyncio.BufferedProtocol):
         # session, renumbered where they were read (see UpstreamChannel.attach).
         self.routes: dict[int, Route] = {}
         self.free_ids: collections.deque[int] = collections.deque()
-        # Client channels it carries now (UpstreamChannel.attach/detach), and
-        # its open channels nobody uses, kept ready by the pool.
+        # Client channels it carries now (UpstreamChannel.attach/detach), its
+        # open channels nobody uses, kept ready by the pool, and the channels
+        # being opened to join them.
         self.carried = 0
         self.idle: collections.deque[UpstreamChannel] = collections.deque()
+        self.idle_opening = 0
         self.server_properties: dict = {}
         self.channel_max = 0
         self.frame_max = 0
@@ -259,6 +261,16 @@ class Upstream(asyncio.BufferedProtocol):
         self.writer.write(rewrite_channel(_CHANNEL_OPEN, slot.uid_bytes))
         return slot
 
+    def open_idle_channel(self) -> None:
+        """Open a channel for the pool to keep ready (Pool.add_idle once open)."""
+        self.open_channel().for_idle = True
+        self.idle_opening += 1
+
+    def idle_opened(self, slot: UpstreamChannel) -> None:
+        if slot.for_idle:
+            slot.for_idle = False
+            self.idle_opening -= 1
+
     def delete_queues(self, names: list[str]) -> None:
         """Delete queues this connection owns (a departed client's exclusive
         queues) on a channel opened for just that and closed behind it."""
@@ -280,6 +292,7 @@ class Upstream(asyncio.BufferedProtocol):
 
     def release(self, slot: UpstreamChannel) -> None:
         """The broker is done with this channel id: it may be used again."""
+        self.idle_opened(slot)  # if it closed before it opened
         del self.slots[slot.uid]
         if not self.closed:
             self.free_ids.append(slot.uid)

@@ -64,7 +64,7 @@ class UpstreamChannel:
         self.closing = False
         # Recycled: waiting for the probe's RecoverOk before going idle.
         self.probing = False
-        # Opened by the pool to be idle (counted in pool.idle_opening).
+        # Opened by the pool to be idle (counted in upstream.idle_opening).
         self.for_idle = False
 
     def attach(self, client: ClientChannel) -> None:

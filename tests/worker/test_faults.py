@@ -175,7 +175,7 @@ def test_with_two_min_upstreams_a_lost_one_closes_only_its_clients_and_is_redial
 
     daemon = fresh_amqplexd(env={"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": "2"})
     first = client_with_channel(daemon.port, user)
-    wait_until(lambda: len(proxy_connections(user.name)) == 2, what="two upstreams")
+    wait_until(lambda: upstreams_opened(daemon, user.name) == 2, what="two upstreams")
     second = client_with_channel(daemon.port, user)  # on the one carrying nobody
     rows = rabbitmqctl("list_connections", "pid", "user").splitlines()
     pid = next(row.split()[0] for row in rows if row.split()[-1:] == [user.name])
@@ -192,8 +192,8 @@ def test_with_two_min_upstreams_a_lost_one_closes_only_its_clients_and_is_redial
         closed.append(client)
     assert len(closed) == len(alive) == 1
     # The pool dials toward its minimum again, with no new channel to ask it.
-    wait_until(lambda: len(proxy_connections(user.name)) == 2, what="the minimum again")
-    assert upstreams_opened(daemon, user.name) == 3
+    wait_until(lambda: upstreams_opened(daemon, user.name) == 3, what="the minimum again")
+    assert len(proxy_connections(user.name)) == 2
     alive[0].open_channel(2)  # a round trip: the survivor's upstream still works
     for client in (first, second):
         client.close()

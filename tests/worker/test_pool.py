@@ -304,7 +304,7 @@ def test_with_two_min_upstreams_new_clients_go_to_the_one_carrying_fewest(fresh_
     daemon = fresh_amqplexd(env=TWO_UPSTREAMS)
     clients = [consumer(daemon.port, user)]
     try:
-        wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+        wait_until(lambda: upstreams_opened(daemon, user.name) == 2, what="two upstreams")
         clients += [consumer(daemon.port, user) for _ in range(3)]
         assert consumers_by_upstream(user.name) == [2, 2]
         assert upstreams_opened(daemon, user.name) == 2
@@ -333,7 +333,7 @@ def test_with_two_min_upstreams_clients_spread_when_the_idle_channels_are_on_one
         # (once the backoff after the refusals has passed).
         with contextlib.closing(pika.BlockingConnection(proxy_params(daemon.port, user))) as c:
             c.channel()
-        return len(broker.proxy_connections(user.name)) == 2
+        return upstreams_opened(daemon, user.name) == 2
 
     wait_until(second_upstream, timeout=20, what="the second upstream")
     clients = []
@@ -343,6 +343,36 @@ def test_with_two_min_upstreams_clients_spread_when_the_idle_channels_are_on_one
     finally:
         for connection in clients:
             connection.close()
+
+
+def test_with_two_min_upstreams_a_burst_opens_few_channels_beyond_its_clients(
+    fresh_amqplexd, relay, user
+):
+    """With the broker's answers slow, a burst of clients finds no channel
+    ready and each opens its own; the pool opens a few idle ones besides
+    (idle_channels, one more per upstream), not one per client."""
+    daemon = fresh_amqplexd(upstream=relay.url, env=TWO_UPSTREAMS)
+    first = pika.BlockingConnection(proxy_params(daemon.port, user))
+    first.channel()
+    wait_until(lambda: upstreams_opened(daemon, user.name) == 2, what="two upstreams")
+    first.close()
+    relay.delay(0.2)
+    clients = 20
+
+    def settled() -> int:
+        # Every channel asked for has reached the broker: the count stops moving.
+        counts = []
+        wait_until(
+            lambda: (
+                (counts.append(sum(r["channels"] for r in upstream_stats(user.name))))
+                or counts[-2:] == [counts[-1]] * 2
+            ),
+            what="the broker's channel count to settle",
+        )
+        return counts[-1]
+
+    channels = asyncio.run(held_clients(daemon.port, user, None, clients, settled, timeout=30))
+    assert clients <= channels <= clients + IDLE_CHANNELS + 2, channels
 
 
 def consumer(port: int, user) -> pika.BlockingConnection:
