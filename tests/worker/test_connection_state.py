@@ -49,8 +49,12 @@ def test_exclusive_queue_is_locked_to_other_clients_on_the_same_upstream(
         touch(b.channel(), queue_name)
     assert closed.value.reply_code == 405
     assert "RESOURCE_LOCKED" in closed.value.reply_text
-    # The owner still uses it on any of its channels.
-    a.channel().basic_publish("", queue_name, b"mine")
+    # The owner still uses it on any of its channels. The publish is
+    # confirmed first: the broker orders nothing across channels, so an
+    # unconfirmed message could reach the queue after the other channel's get.
+    publisher = a.channel()
+    publisher.confirm_delivery()
+    publisher.basic_publish("", queue_name, b"mine")
     assert a.channel().basic_get(queue_name, auto_ack=True)[2] == b"mine"
 
 

@@ -226,8 +226,11 @@ def test_small_frame_max_client_gets_large_messages_intact(amqplexd, queue_name)
         assert connection._impl.params.frame_max == 4096
         channel = connection.channel()
         bodies = [HUNDRED_KB, HUNDRED_KB[::-1]]
+        # Confirmed, so both are queued, in order, before the get below.
+        publishing = publisher.channel()
+        publishing.confirm_delivery()
         for body in bodies:
-            publisher.channel().basic_publish("", queue_name, body)
+            publishing.basic_publish("", queue_name, body)
         _, _, got = channel.basic_get(queue_name, auto_ack=True)
         assert got == bodies[0]
         for method, _, got in channel.consume(queue_name, auto_ack=True, inactivity_timeout=5):
