@@ -306,11 +306,17 @@ class Pool:
         if timer is not None:
             timer.cancel()
 
-    def _serve_waiting(self) -> None:
+    def _waiters(self) -> typing.Iterator[ClientChannel]:
+        """The channels waiting for an upstream channel, oldest first; one
+        whose client left or closed it meanwhile stops waiting instead."""
         for channel in list(self.waiting):
-            if channel.session.channels.get(channel.cid) is not channel:
-                self._stop_waiting(channel)  # its client left or closed it meanwhile
-                continue
+            if channel.session.channels.get(channel.cid) is channel:
+                yield channel
+            else:
+                self._stop_waiting(channel)
+
+    def _serve_waiting(self) -> None:
+        for channel in self._waiters():
             upstream = self._room(channel.session.home)
             if upstream is None:
                 return
@@ -323,8 +329,8 @@ class Pool:
     def replenish_idle(self) -> None:
         """Open idle channels up to idle_channels, each where the next client
         would go (_best, counting what is idle there), so it finds one ready."""
-        want = self.config.pool.idle_channels - self._idle_count()
-        want -= sum(upstream.idle_opening for upstream in self.upstreams)
+        ready = sum(len(upstream.idle) + upstream.idle_opening for upstream in self.upstreams)
+        want = self.config.pool.idle_channels - ready
         if want <= 0 or self.waiting:
             return
         for _ in range(want):
@@ -360,12 +366,11 @@ class Pool:
         """An open channel nobody uses: keep it ready, unless enough are."""
         if slot.upstream.closed:
             return
-        for channel in list(self.waiting):
+        for channel in self._waiters():
             # A client waits for a channel (every id in use): this one is ready.
             self._stop_waiting(channel)
-            if channel.session.channels.get(channel.cid) is channel:
-                channel.bind(slot, answer_open=False)
-                return
+            channel.bind(slot, answer_open=False)
+            return
         slot.upstream.idle.append(slot)
         if self._idle_count() > self.config.pool.max_idle_channels:
             # Enough are ready: close the oldest where most are idle, so the
