@@ -29,6 +29,7 @@ from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
 from amqplex import metrics, tls
+from amqplex.board import Board, Seat
 from amqplex.config import Config, ConfigError
 from amqplex.config.settings import mask_password
 from amqplex.master import listener
@@ -51,6 +52,7 @@ class WorkerProcess:
     pid: int
     slot: int
     started: float
+    seat: Seat | None
     draining: bool = False
 
 
@@ -61,7 +63,7 @@ class Arbiter:
         self,
         config: Config,
         reload: typing.Callable[[], Config],
-        run_worker: typing.Callable[[Config, socket.socket, int], int],
+        run_worker: typing.Callable[[Config, socket.socket, int, Seat | None], int],
     ) -> None:
         self.config = config
         self._reload = reload
@@ -69,6 +71,8 @@ class Arbiter:
         self.num_workers = config.workers
         self.workers: dict[int, WorkerProcess] = {}
         self.listener: socket.socket | None = None
+        # Clients per worker, for the workers' least-connections gate.
+        self.board = Board()
         self._signals: list[int] = []
         self._wake_r = self._wake_w = -1
         self._failures = 0
@@ -178,9 +182,10 @@ class Arbiter:
                 self.spawn_worker(slot)
 
     def spawn_worker(self, slot: int) -> None:
+        seat = self.board.claim()
         pid = os.fork()
         if pid:
-            self.workers[pid] = WorkerProcess(pid, slot, time.monotonic())
+            self.workers[pid] = WorkerProcess(pid, slot, time.monotonic(), seat)
             return
         # The child: the master's signals and pipe are not its business.
         code = 1
@@ -189,7 +194,7 @@ class Arbiter:
                 signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
-            code = self._run_worker(self.config, self.listener, slot)
+            code = self._run_worker(self.config, self.listener, slot, seat)
         except BaseException:
             log.exception("worker %d failed", slot)
         finally:
@@ -216,6 +221,8 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            if worker.seat is not None:
+                self.board.release(worker.seat)
             # Its live gauges (clients, upstreams, channels) vanish with it.
             multiprocess.mark_process_dead(pid)
             lived = time.monotonic() - worker.started

@@ -9,13 +9,14 @@ import socket
 from setproctitle import setproctitle
 
 from amqplex import logs
+from amqplex.board import Seat
 from amqplex.config import Config
 from amqplex.worker import memory
 from amqplex.worker.server import Worker
 from amqplex.worker.session import SESSION_LOGGER
 
 
-def run_worker(config: Config, sock: socket.socket, slot: int) -> int:
+def run_worker(config: Config, sock: socket.socket, slot: int, seat: Seat | None) -> int:
     setproctitle(f"amqplexd: worker {slot}")
     # Reload and resizing are the master's: a worker only drains or quits.
     for name in ("SIGHUP", "SIGTTIN", "SIGTTOU"):
@@ -23,7 +24,7 @@ def run_worker(config: Config, sock: socket.socket, slot: int) -> int:
     logs.buffer_output(SESSION_LOGGER)
     memory.tune_allocator()
     worker = Worker(config, slot)
-    run_loop(worker.serve(sock))
+    run_loop(worker.serve(sock, seat))
     return 0
 
 

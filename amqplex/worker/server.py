@@ -12,12 +12,15 @@ from pamqp import commands
 from setproctitle import setproctitle
 
 from amqplex import tls
+from amqplex.board import Seat
 from amqplex.config import Config
+from amqplex.master.listener import BACKLOG
 from amqplex.protocol import methods
 from amqplex.protocol.auth import MECHANISMS
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker import memory
 from amqplex.worker.exporter import Exporter
+from amqplex.worker.gate import Gate
 from amqplex.worker.pool import Pools
 from amqplex.worker.rules import EXCHANGE_TYPES
 from amqplex.worker.session import ClientSession
@@ -71,8 +74,7 @@ class Worker:
         # once per distinct frame: churning clients send the same ones.
         self.connection_methods = methods.DecodeCache(HANDSHAKE_CACHE_SIZE)
         self._tasks: set[asyncio.Task] = set()
-        self._server: asyncio.Server | None = None
-        self._stopped: asyncio.Event | None = None
+        self.gate: Gate | None = None
 
     def spawn(self, coroutine: typing.Coroutine) -> asyncio.Task:
         """Run a background task the worker keeps a reference to."""
@@ -80,6 +82,14 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def session_began(self, session: ClientSession) -> None:
+        self.sessions.add(session)
+        self.gate.arrived()
+
+    def session_ended(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+        self.gate.left()
 
     def running_sessions(self) -> int:
         """Client sessions past their handshake and not yet ended."""
@@ -112,28 +122,16 @@ class Worker:
             ),
         )
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, listener: socket.socket, seat: Seat | None) -> None:
         self.loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
         try:
             self.server_properties = await fetch_server_properties(self.config.upstream)
             self._encode_handshake()
         except (TimeoutError, OSError) as error:
             log.warning("broker not reachable at start (%s); offering defaults", error)
         listen = self.config.listen
-        if sock is not None:
-            self._server = await self.loop.create_server(
-                lambda: ClientSession(self), sock=sock, backlog=4096, **self.tls.listener_args()
-            )
-        else:
-            self._server = await self.loop.create_server(
-                lambda: ClientSession(self),
-                listen.address,
-                listen.port,
-                reuse_port=True,
-                backlog=4096,
-                **self.tls.listener_args(),
-            )
+        self.gate = Gate(listener, seat, self._serve_on)
+        await self.gate.open()
         log.info(
             "listening on %s:%d (event loop: %s)",
             listen.address,
@@ -144,15 +142,20 @@ class Worker:
         self.spawn(Exporter(self).run())
         self.spawn(memory.release_forever())
 
+    def _serve_on(self, sock: socket.socket) -> typing.Awaitable[asyncio.AbstractServer]:
+        return self.loop.create_server(
+            lambda: ClientSession(self), sock=sock, backlog=BACKLOG, **self.tls.listener_args()
+        )
+
     async def _sweep_forever(self) -> None:
         """Close idle upstreams and drop unused pools (pool.cleanup_interval)."""
         while True:
             await asyncio.sleep(self.config.pool.cleanup_interval)
             self.pools.sweep(self.loop.time())
 
-    async def serve(self, sock: socket.socket | None = None) -> None:
+    async def serve(self, listener: socket.socket, seat: Seat | None) -> None:
         """Serve until TERM/INT (drain, then exit) or QUIT (exit now)."""
-        await self.start(sock)
+        await self.start(listener, seat)
         stop = self.loop.create_future()
         for signum, graceful in (
             (signal.SIGTERM, True),
@@ -169,7 +172,7 @@ class Worker:
     async def drain(self, timeout: float) -> None:
         """Stop accepting; give clients `timeout` to leave, then close them
         with 320 and close the upstreams politely."""
-        self._server.close()
+        self.gate.close()
         await self._until(lambda: not self.sessions, timeout)
         for session in list(self.sessions):
             session.force_close(ReplyCode.CONNECTION_FORCED, SHUTDOWN_TEXT)

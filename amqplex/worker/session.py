@@ -113,7 +113,7 @@ class ClientSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.config.max_output_buffer)
         self.writer = BatchedWriter(transport, self.loop)
         self.worker.stats.client_connections += 1
-        self.worker.sessions.add(self)
+        self.worker.session_began(self)
         self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -584,4 +584,4 @@ class ClientSession(asyncio.Protocol):
         if self.pool is not None:
             self.worker.running -= 1
             self.pool.session_left(self)
-        self.worker.sessions.discard(self)
+        self.worker.session_ended(self)

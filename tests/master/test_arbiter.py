@@ -12,25 +12,8 @@ import pytest
 
 from tests.conftest import proxy_params
 from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.procs import workers
 from tests.support.waiting import wait_until
-
-
-def workers(master_pid: int) -> dict[int, str]:
-    """The master's child processes and their titles."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            if ppid != master_pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                found[int(entry)] = handle.read().replace(b"\0", b" ").decode().strip()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-    return found
 
 
 def title(pid: int) -> str:
