@@ -183,7 +183,12 @@ class Arbiter:
 
     def spawn_worker(self, slot: int) -> None:
         seat = self.board.claim()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            if seat is not None:
+                self.board.release(seat)
+            raise
         if pid:
             self.workers[pid] = WorkerProcess(pid, slot, time.monotonic(), seat)
             return

@@ -16,7 +16,9 @@ long-lived clients spread evenly; a few clients either way under churn is
 not, so churn keeps the kernel's spreading and rarely pays for a stop.
 
 Stopping closes only this worker's libuv server, on its own descriptor of
-the listener: the queue stays, the other workers keep taking from it. A
+the listener: the queue stays, the other workers keep taking from it. (What
+libuv accepted in one go, before uvloop calls connection_made for any of
+it, stays with this worker: the gate sees clients only as they arrive.) A
 stopped worker is off the board (board.py), so the others never wait for
 it, and it looks again every CHECK_INTERVAL: it resumes once it is the
 lightest, or as soon as one of its own clients leaving makes it so. Clients
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 STOP_SHARE = 4  # stop when ahead of the lightest by more than 1/4 of all clients
 CHECK_INTERVAL = 0.002
 STUCK_AFTER = 0.05
+# After a failed opening (out of descriptors, say), before the next try.
+RETRY_AFTER = 0.5
 
 Listen = typing.Callable[[socket.socket], typing.Awaitable[asyncio.AbstractServer]]
 
@@ -51,29 +55,44 @@ class Gate:
         self._listen = listen
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.AbstractServer | None = None
+        self._stopped = False  # by the rule, until it opens again
         self._check: asyncio.TimerHandle | None = None  # set while stopped
         self._opening: asyncio.Task | None = None
         self._queued_since: float | None = None  # at every look since then
         self._closed = False
+        self._queue_poll = select.poll()  # readable: a client is queued
+        self._queue_poll.register(listener, select.POLLIN)
         self.clients = 0
 
-    async def open(self) -> None:
+    @property
+    def accepting(self) -> bool:
+        return self._server is not None
+
+    async def open(self) -> bool:
+        """Accept clients (again); True once accepting. A failure is logged
+        and tried again after RETRY_AFTER."""
         # The server closes the socket it is given when it closes: each
         # opening gets its own descriptor of the shared listener.
+        sock = None
         try:
-            server = await self._listen(self._listener.dup())
-        except OSError as error:  # out of descriptors, say: try again shortly
-            log.warning("could not resume accepting clients: %s", error)
-            self._check = self._loop.call_later(CHECK_INTERVAL, self._resume)
-            return
+            sock = self._listener.dup()
+            server = await self._listen(sock)
+        except Exception:
+            log.exception("could not accept clients; trying again in %.1f s", RETRY_AFTER)
+            if sock is not None:
+                sock.close()
+            self._check = self._loop.call_later(RETRY_AFTER, self._resume)
+            return False
         finally:
             self._opening = None
         if self._closed:
             server.close()
-            return
+            return False
         self._server = server
+        self._stopped = False
         if self._seat is not None:
             self._seat.post(self.clients)
+        return True
 
     def arrived(self) -> None:
         self.clients += 1
@@ -92,12 +111,13 @@ class Gate:
             return
         if self._server is not None:
             seat.post(self.clients)
-        elif self._check is not None and self._lightest():
+        elif self._stopped and self._opening is None and self._lightest():
             self._resume()
 
     def close(self) -> None:
         """Stop accepting for good (drain)."""
         self._closed = True
+        self._stopped = False
         if self._check is not None:
             self._check.cancel()
             self._check = None
@@ -114,13 +134,14 @@ class Gate:
     def _stop(self) -> None:
         self._server.close()
         self._server = None
+        self._stopped = True
         self._seat.leave()
         self._queued_since = None
         self._check = self._loop.call_later(CHECK_INTERVAL, self._look)
 
     def _look(self) -> None:
         now = self._loop.time()
-        if not select.select([self._listener], [], [], 0)[0]:
+        if not self._queue_poll.poll(0):
             self._queued_since = None
         elif self._queued_since is None:
             self._queued_since = now

@@ -88,8 +88,11 @@ class Worker:
         self.gate.arrived()
 
     def session_ended(self, session: ClientSession) -> None:
-        self.sessions.discard(session)
-        self.gate.left()
+        # Only a session that began counts as leaving: one whose
+        # connection_made failed part way still gets connection_lost.
+        if session in self.sessions:
+            self.sessions.remove(session)
+            self.gate.left()
 
     def running_sessions(self) -> int:
         """Client sessions past their handshake and not yet ended."""
@@ -131,13 +134,13 @@ class Worker:
             log.warning("broker not reachable at start (%s); offering defaults", error)
         listen = self.config.listen
         self.gate = Gate(listener, seat, self._serve_on)
-        await self.gate.open()
-        log.info(
-            "listening on %s:%d (event loop: %s)",
-            listen.address,
-            listen.port,
-            type(self.loop).__module__.split(".")[0],
-        )
+        if await self.gate.open():
+            log.info(
+                "listening on %s:%d (event loop: %s)",
+                listen.address,
+                listen.port,
+                type(self.loop).__module__.split(".")[0],
+            )
         self.spawn(self._sweep_forever())
         self.spawn(Exporter(self).run())
         self.spawn(memory.release_forever())

@@ -572,16 +572,20 @@ class ClientSession(asyncio.Protocol):
             channel.release()
 
     def _end(self) -> None:
-        self._log_end()
-        self.worker.stats.session_ended(self.bytes_in, self.bytes_out)
-        self.state = State.CLOSED
-        if self._logged_in is not None:
-            self._logged_in.discard_login()
-            self._logged_in = None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._release_channels()
-        if self.pool is not None:
-            self.worker.running -= 1
-            self.pool.session_left(self)
-        self.worker.session_ended(self)
+        try:
+            self._log_end()
+            self.worker.stats.session_ended(self.bytes_in, self.bytes_out)
+            self.state = State.CLOSED
+            if self._logged_in is not None:
+                self._logged_in.discard_login()
+                self._logged_in = None
+            if self._timer is not None:
+                self._timer.cancel()
+            self._release_channels()
+            if self.pool is not None:
+                self.worker.running -= 1
+                self.pool.session_left(self)
+        finally:
+            # Whatever failed above, the worker's client count (and so the
+            # gate's share of new clients) must not keep this one.
+            self.worker.session_ended(self)
