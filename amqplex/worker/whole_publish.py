@@ -1,0 +1,53 @@
+"""A publish whose content header and single body frame came with it,
+checked in the order the frame-by-frame path checks them and renumbered
+onto the upstream channel as one piece.
+
+`renumber` in Python is the reference; where setup.py built _walk.c, its
+compiled `whole_publish` takes the messages it can vouch for (a method,
+a property list without a headers table, one body frame that matches the
+announced size) and hands everything else to the reference, which raises
+what the broker would for a bad one: the error texts live in one place.
+tests/protocol/test_walk.py checks the two against each other.
+"""
+
+from __future__ import annotations
+
+from pamqp import commands
+
+from amqplex.protocol import framing
+from amqplex.protocol.constants import FRAME_OVERHEAD
+from amqplex.protocol.content import check_header
+from amqplex.worker.rules import check_publish
+
+_PUBLISH = commands.Basic.Publish.index
+
+
+def reference_renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> bytes | None:
+    """The three frames on upstream channel `uid` (two octets), or None if
+    they are not one whole Basic.Publish (the frame-by-frame path takes
+    them then); a bad publish or header raises its ConnectionException."""
+    if framing.method_index(frame) != _PUBLISH:
+        return None
+    check_publish(frame)
+    size = check_header(header)
+    # Zero: the message ends with its header, and the body frame after it
+    # is an error of its own; more: it wants more body frames.
+    if size == 0 or size != len(body) - FRAME_OVERHEAD:
+        return None
+    return b"".join(
+        (frame[:1], uid, frame[3:], header[:1], uid, header[3:], body[:1], uid, body[3:])
+    )
+
+
+def mandatory(frame: bytes) -> bool:
+    """Whether a publish `renumber` took is mandatory (its last bits octet)."""
+    return bool(frame[-2] & 0b01)
+
+
+renumber = reference_renumber
+if framing._walk is not None:
+    _compiled = framing._walk.whole_publish
+
+    def renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> bytes | None:
+        piece = _compiled(frame, header, body, uid)
+        return piece if piece is not None else reference_renumber(frame, header, body, uid)
