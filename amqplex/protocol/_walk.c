@@ -434,6 +434,8 @@ header_body_size(const unsigned char *p, Py_ssize_t len)
     for (size_t i = 0; i < sizeof LAYOUT / sizeof LAYOUT[0]; i++) {
         if (!(flags & LAYOUT[i].mask))
             continue;
+        if (LAYOUT[i].width < 0) /* a table: the reference's (excluded above too) */
+            return -1;
         if (LAYOUT[i].width > 0) {
             pos += LAYOUT[i].width;
         } else {
@@ -471,6 +473,8 @@ whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t method_len = PyBytes_GET_SIZE(args[0]);
     Py_ssize_t header_len = PyBytes_GET_SIZE(args[1]);
     Py_ssize_t body_len = PyBytes_GET_SIZE(args[2]);
+    /* The length checks also keep every memcpy below at 0 octets or more
+     * (publish_fits and header_body_size want longer frames still). */
     if (PyBytes_GET_SIZE(args[3]) != 2 || method_len < 3 || header_len < 3 ||
         body_len < FRAME_OVERHEAD || !publish_fits(method, method_len))
         Py_RETURN_NONE;
