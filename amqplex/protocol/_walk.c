@@ -2,8 +2,9 @@
  * every frame of every read, and in Python they were a quarter of a
  * worker's CPU when consuming small messages. Also worker/whole_publish.py's
  * check and renumbering of a whole publish, half a worker's CPU when
- * publishing small messages. The Python versions are the reference: these give the same results (tests/protocol/
- * test_walk.py checks them against each other on arbitrary bytes), and serve
+ * publishing small messages. The Python versions are the reference: these
+ * give the same results (tests/protocol/test_walk.py and tests/worker/
+ * test_whole_publish.py check them against each other), and serve
  * wherever this module was not built.
  *
  * A bad frame is not explained here: the walker raises BadFrame(position)
@@ -388,7 +389,7 @@ fail:
 
 /* Basic's property flags in wire order and the octets each takes: 0 for a
  * short string (its length octet says), -1 for the headers table (left to
- * the reference). content.py's _LAYOUT; test_walk.py checks. */
+ * the reference). content.py's _LAYOUT; test_whole_publish.py checks. */
 static const struct {
     unsigned int mask;
     int width;
@@ -513,7 +514,7 @@ static struct PyModuleDef module_def = {
     .m_methods = methods,
 };
 
-/* LAYOUT as ((mask, width), ...), for test_walk.py to compare with content.py. */
+/* LAYOUT as ((mask, width), ...), for test_whole_publish.py to compare. */
 static PyObject *
 property_layout(void)
 {

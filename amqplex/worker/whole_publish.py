@@ -7,7 +7,7 @@ compiled `whole_publish` takes the messages it can vouch for (a method,
 a property list without a headers table, one body frame that matches the
 announced size) and hands everything else to the reference, which raises
 what the broker would for a bad one: the error texts live in one place.
-tests/protocol/test_walk.py checks the two against each other.
+tests/worker/test_whole_publish.py checks the two against each other.
 """
 
 from __future__ import annotations
