@@ -49,10 +49,20 @@ Listen = typing.Callable[[socket.socket], typing.Awaitable[asyncio.AbstractServe
 
 
 class Gate:
-    def __init__(self, listener: socket.socket, seat: Seat | None, listen: Listen) -> None:
+    """`clients()` is how many clients the worker holds; it calls arrived()
+    after one more began and left() after one ended."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        seat: Seat | None,
+        listen: Listen,
+        clients: typing.Callable[[], int],
+    ) -> None:
         self._listener = listener
         self._seat = seat
         self._listen = listen
+        self._clients = clients
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.AbstractServer | None = None
         self._stopped = False  # by the rule, until it opens again
@@ -62,7 +72,6 @@ class Gate:
         self._closed = False
         self._queue_poll = select.poll()  # readable: a client is queued
         self._queue_poll.register(listener, select.POLLIN)
-        self.clients = 0
 
     @property
     def accepting(self) -> bool:
@@ -91,26 +100,25 @@ class Gate:
         self._server = server
         self._stopped = False
         if self._seat is not None:
-            self._seat.post(self.clients)
+            self._seat.post(self._clients())
         return True
 
     def arrived(self) -> None:
-        self.clients += 1
         seat = self._seat
         if seat is None or self._server is None:
             return  # no board, or libuv's last batch before a stop
-        seat.post(self.clients)
+        clients = self._clients()
+        seat.post(clients)
         counts = seat.counts()
-        if (self.clients - min(counts)) * STOP_SHARE > sum(counts):
+        if (clients - min(counts)) * STOP_SHARE > sum(counts):
             self._stop()
 
     def left(self) -> None:
-        self.clients -= 1
         seat = self._seat
         if seat is None:
             return
         if self._server is not None:
-            seat.post(self.clients)
+            seat.post(self._clients())
         elif self._stopped and self._opening is None and self._lightest():
             self._resume()
 
@@ -129,7 +137,8 @@ class Gate:
 
     def _lightest(self) -> bool:
         """No accepting worker holds fewer clients (or none accepts)."""
-        return self.clients <= min(self._seat.counts(), default=self.clients)
+        clients = self._clients()
+        return clients <= min(self._seat.counts(), default=clients)
 
     def _stop(self) -> None:
         self._server.close()

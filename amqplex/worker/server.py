@@ -88,11 +88,8 @@ class Worker:
         self.gate.arrived()
 
     def session_ended(self, session: ClientSession) -> None:
-        # Only a session that began counts as leaving: one whose
-        # connection_made failed part way still gets connection_lost.
-        if session in self.sessions:
-            self.sessions.remove(session)
-            self.gate.left()
+        self.sessions.discard(session)
+        self.gate.left()
 
     def running_sessions(self) -> int:
         """Client sessions past their handshake and not yet ended."""
@@ -133,7 +130,7 @@ class Worker:
         except (TimeoutError, OSError) as error:
             log.warning("broker not reachable at start (%s); offering defaults", error)
         listen = self.config.listen
-        self.gate = Gate(listener, seat, self._serve_on)
+        self.gate = Gate(listener, seat, self._serve_on, lambda: len(self.sessions))
         if await self.gate.open():
             log.info(
                 "listening on %s:%d (event loop: %s)",

@@ -586,6 +586,6 @@ class ClientSession(asyncio.Protocol):
                 self.worker.running -= 1
                 self.pool.session_left(self)
         finally:
-            # Whatever failed above, the worker's client count (and so the
-            # gate's share of new clients) must not keep this one.
+            # Whatever failed above, the worker must not keep counting this
+            # client (its drain waits for none, its gate compares counts).
             self.worker.session_ended(self)

@@ -79,9 +79,25 @@ def test_a_stopped_worker_takes_clients_the_lighter_worker_does_not(fresh_amqple
 # -- the gate on its own: a loopback listener, a board, no broker ------------
 
 
+class Clients:
+    """The worker's side of the gate: the clients it holds, as they come and go."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.gate: gate.Gate | None = None
+
+    def arrive(self) -> None:
+        self.count += 1
+        self.gate.arrived()
+
+    def leave(self) -> None:
+        self.count -= 1
+        self.gate.left()
+
+
 def run_gate(scenario, listen=None) -> None:
-    """Run `scenario(gate, other_seat)` on uvloop with a gate on a fresh
-    loopback listener, next to one other worker's seat."""
+    """Run `scenario(gate, other_seat, clients)` on uvloop with a gate on a
+    fresh loopback listener, next to one other worker's seat."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -94,9 +110,10 @@ def run_gate(scenario, listen=None) -> None:
         def serve(sock: socket.socket):
             return loop.create_server(asyncio.Protocol, sock=sock)
 
-        gate_ = gate.Gate(listener, mine, listen or serve)
+        clients = Clients()
+        gate_ = clients.gate = gate.Gate(listener, mine, listen or serve, lambda: clients.count)
         try:
-            await scenario(gate_, other)
+            await scenario(gate_, other, clients)
         finally:
             gate_.close()
             listener.close()
@@ -112,20 +129,20 @@ async def until(condition, timeout: float = 5) -> None:
 
 
 def test_a_worker_ahead_stops_and_resumes_when_one_of_its_clients_leaves():
-    async def scenario(gate_, other):
+    async def scenario(gate_, other, clients):
         assert await gate_.open()
-        gate_.arrived()  # one against none
+        clients.arrive()  # one against none
         assert not gate_.accepting
-        gate_.left()
+        clients.leave()
         await until(lambda: gate_.accepting)
 
     run_gate(scenario)
 
 
 def test_a_stopped_worker_resumes_once_the_others_catch_up():
-    async def scenario(gate_, other):
+    async def scenario(gate_, other, clients):
         assert await gate_.open()
-        gate_.arrived()
+        clients.arrive()
         assert not gate_.accepting
         other.post(1)
         await until(lambda: gate_.accepting)
@@ -137,7 +154,7 @@ def test_a_failed_opening_is_tried_again(monkeypatch):
     monkeypatch.setattr(gate, "RETRY_AFTER", 0.01)
     calls = []
 
-    async def scenario(gate_, other):
+    async def scenario(gate_, other, clients):
         assert not await gate_.open()
         await until(lambda: gate_.accepting)
         assert len(calls) == 2
@@ -163,10 +180,10 @@ def test_closing_while_reopening_leaves_nothing_accepting():
 
         return opened()
 
-    async def scenario(gate_, other):
+    async def scenario(gate_, other, clients):
         assert await gate_.open()
-        gate_.arrived()
-        gate_.left()  # resumes: the opening is under way
+        clients.arrive()
+        clients.leave()  # resumes: the opening is under way
         gate_.close()
         await until(lambda: len(servers) == 2)
         assert not gate_.accepting
