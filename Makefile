@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint broker bench clean
 
-$(STAMP): pyproject.toml setup.py amqplex/protocol/_walk.c
+$(STAMP): pyproject.toml setup.py amqplex/protocol/_walk.c bench/_cycle.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

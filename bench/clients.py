@@ -10,7 +10,7 @@ from typing import Any
 
 from bench import broker, context, frames, procs
 from bench.broker import BROKER, BROKER_URL
-from bench.churn import cycle
+from bench.churn import cycle, steps
 from bench.context import Bench, gen_cpu, median
 from bench.daemon import Daemon
 from bench.fleet import Fleet
@@ -88,9 +88,9 @@ def _warm_up(bench: Bench, label: str, addr: tuple) -> None:
     before the baseline is read."""
     queue = bench.admin.queue(label)
     try:
-        publish = frames.publish(queue, MESSAGE_SIZE)
+        conversation = steps(frames.publish(queue, MESSAGE_SIZE))
         for _ in range(WARMUP_CYCLES):
-            cycle(addr, publish)
+            cycle(addr, conversation)
         bench.admin.verify({queue: WARMUP_CYCLES})
     finally:
         bench.admin.delete(queue)

@@ -150,11 +150,11 @@ class Wire:
         self.send(frames.CHANNEL_OPEN)
         self.expect(frames.CHANNEL_OPEN_OK)
 
-    def close(self, before: bytes = b"") -> None:
-        """Channel.Close (after `before`, e.g. a publish), then Connection.Close,
-        waiting for each CloseOk like a polite client; then the socket."""
+    def close(self) -> None:
+        """Channel.Close, then Connection.Close, waiting for each CloseOk like
+        a polite client; then the socket."""
         try:
-            self.send(before + frames.CHANNEL_CLOSE)
+            self.send(frames.CHANNEL_CLOSE)
             self.expect(frames.CHANNEL_CLOSE_OK)
             self.send(frames.CONNECTION_CLOSE)
             self.expect(frames.CONNECTION_CLOSE_OK)
