@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint broker bench clean
 
-$(STAMP): pyproject.toml setup.py amqplex/protocol/_walk.c bench/_cycle.c
+$(STAMP): pyproject.toml setup.py amqplex/protocol/_walk.c bench/_cycle.c bench/build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	cd bench && ../$(BIN)/python build.py
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -43,13 +43,16 @@ def steps(publish: bytes) -> tuple[tuple[bytes, bytes], ...]:
 
 def cycle(addr: tuple[str, int], conversation: tuple[tuple[bytes, bytes], ...]) -> None:
     """Connect, go through `conversation` (steps()), close. In C where it was
-    built (_cycle.c): a Python cycle cost the generators 128-134 us of CPU
-    against 79-82 in C, taken from the cores of what they measure."""
+    built (_cycle.c): the generators share the cores with what they measure,
+    and the interpreter's part of a cycle was a large part of their CPU.
+    Neither checks Tune's frame_max, as open_wire does for the throughput
+    runs: a churn message is 64 bytes. The compiled cycle also refuses a
+    frame over 64 KB, which no reply in a cycle comes near."""
     if _cycle is not None:
         wrong = _cycle.cycle(addr[0], addr[1], CYCLE_TIMEOUT, conversation)
         if wrong is not None:
-            step, frame_type, payload = wrong
-            raise ProtocolError(_unexpected(conversation[step][1], frame_type, payload))
+            step, what, payload = wrong
+            raise ProtocolError(_unexpected(conversation[step][1], what, payload))
         return
     wire = Wire.connect(addr, CYCLE_TIMEOUT)
     try:
@@ -60,11 +63,15 @@ def cycle(addr: tuple[str, int], conversation: tuple[tuple[bytes, bytes], ...]) 
         wire.close_socket()
 
 
-def _unexpected(wanted: bytes, frame_type: int, payload: bytes) -> str:
-    if frame_type < 0:
-        return "connection closed by peer"
-    if frame_type != 1:
-        return f"unexpected frame type {frame_type}"
+# What _cycle.cycle reports in place of a frame type, in wire.py's words.
+_WRONG = {-1: "connection closed by peer", -2: "bad frame end", -3: "frame over 65536 bytes"}
+
+
+def _unexpected(wanted: bytes, what: int, payload: bytes) -> str:
+    if what in _WRONG:
+        return _WRONG[what]
+    if what != 1:
+        return f"unexpected frame type {what}"
     return f"expected {wanted.hex()}, got {frames.describe(payload)}"
 
 

@@ -103,8 +103,10 @@ def body_size(content_header: bytes, offset: int = 0) -> int:
 
 def describe(payload: bytes) -> str:
     """A readable name for an unexpected method payload (errors only)."""
+    if len(payload) < 4:
+        return f"method frame of {len(payload)} bytes"
     mid = bytes(payload[:4])
-    if mid in (CONNECTION_CLOSE_ID, CHANNEL_CLOSE_ID):
+    if mid in (CONNECTION_CLOSE_ID, CHANNEL_CLOSE_ID) and len(payload) >= 7:
         code = struct.unpack_from(">H", payload, 4)[0]
         text = bytes(payload[7 : 7 + payload[6]]).decode(errors="replace")
         kind = "Connection.Close" if mid == CONNECTION_CLOSE_ID else "Channel.Close"
