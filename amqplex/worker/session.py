@@ -18,7 +18,7 @@ import typing
 
 from pamqp import commands
 
-from amqplex import metrics
+from amqplex import logs, metrics
 from amqplex.protocol import methods
 from amqplex.protocol.auth import Credentials, parse_response
 from amqplex.protocol.constants import (
@@ -563,7 +563,7 @@ class ClientSession(asyncio.Protocol):
             "close_text": self.close_text or ("connection lost" if self.pool else ""),
         }
         level = logging.INFO if self.pool is not None or self.close_code else logging.DEBUG
-        log.log(level, "client session ended", extra={"fields": fields})
+        logs.defer(log, level, "client session ended", fields)
 
     def _release_channels(self) -> None:
         self._release_upstreams()
