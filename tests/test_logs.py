@@ -7,8 +7,11 @@ import io
 import json
 import logging
 import time
+import types
+import weakref
 
 import pika
+import pytest
 
 from amqplex import logs
 from tests.conftest import proxy_params
@@ -61,20 +64,33 @@ def test_upstream_events_are_logged(fresh_amqplexd, user):
     assert "idle for" in daemon.wait_for_log("closing upstream for")
 
 
-def _buffered(name: str) -> tuple[logging.Logger, logs.BufferedHandler, io.StringIO]:
-    out = io.StringIO()
-    target = logging.StreamHandler(out)
-    target.setFormatter(logs.TextFormatter())
-    logger = logging.getLogger(f"tests.logs.{name}")
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    handler = logs.BufferedHandler(target)
-    logger.addHandler(handler)
-    return logger, handler, out
+@pytest.fixture
+def buffered():
+    """A logger of the test's own writing through a BufferedHandler into a
+    string, as a worker's session logger does (buffer_output); removed after."""
+    made = []
+
+    def make(name: str) -> tuple[logging.Logger, logs.BufferedHandler, io.StringIO]:
+        out = io.StringIO()
+        target = logging.StreamHandler(out)
+        target.setFormatter(logs.TextFormatter())
+        logger = logging.getLogger(f"tests.logs.{name}")
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        handler = logs.BufferedHandler(target)
+        logger.addHandler(handler)
+        made.append((logger, handler))
+        return logger, handler, out
+
+    yield make
+    for logger, handler in made:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate = True
 
 
-def test_a_deferred_line_is_written_at_flush_as_logging_it_would_write_it():
-    logger, handler, out = _buffered("same")
+def test_a_deferred_line_is_written_at_flush_as_logging_it_would_write_it(buffered):
+    logger, handler, out = buffered("same")
     fields = {"client": "127.0.0.1:5", "close_text": "bye now", "bytes_in": 3}
     logger.info("client session ended", extra={"fields": fields})
     logs.defer(logger, logging.INFO, "client session ended", fields)
@@ -85,19 +101,49 @@ def test_a_deferred_line_is_written_at_flush_as_logging_it_would_write_it():
     assert 'client=127.0.0.1:5 close_text="bye now" bytes_in=3' in deferred
 
 
-def test_a_deferred_line_keeps_the_time_it_was_deferred_at(monkeypatch):
-    logger, handler, out = _buffered("time")
-    monkeypatch.setattr(logs.time, "time", lambda: 86400.25)
+def test_a_deferred_record_is_the_record_logging_makes(buffered, monkeypatch):
+    monkeypatch.setattr(logging, "_srcfile", None)  # as logs.configure sets it
+    logger, handler, _ = buffered("record")
+    fields = {"user": "guest"}
+    logger.info("client session ended", extra={"fields": fields})
+    logs.defer(logger, logging.INFO, "client session ended", fields)
+    handler.acquire()
+    try:
+        handler._make_deferred()
+        logged, deferred = (vars(record).copy() for record in handler.buffer)
+    finally:
+        handler.release()
+    for timed in ("created", "msecs", "relativeCreated"):
+        assert abs(deferred.pop(timed) - logged.pop(timed)) < 1000
+    assert deferred == logged
+
+
+def test_a_deferred_line_is_not_made_a_record_until_its_batch_is_written(buffered, monkeypatch):
+    logger, handler, out = buffered("lazy")
+    made = []
+    make_record = logger.makeRecord
+    monkeypatch.setattr(
+        logger, "makeRecord", lambda *a, **k: made.append(1) or make_record(*a, **k)
+    )
+    logs.defer(logger, logging.INFO, "client session ended", {})
+    assert made == [] and handler.buffer == []
+    handler.flush()
+    assert made == [1] and out.getvalue().endswith("client session ended\n")
+
+
+def test_a_deferred_line_keeps_the_time_it_was_deferred_at(buffered, monkeypatch):
+    logger, handler, out = buffered("time")
+    monkeypatch.setattr(logs, "time", types.SimpleNamespace(time=lambda: 86400.25))
     logs.defer(logger, logging.INFO, "client session ended", {})
     monkeypatch.undo()
     handler.flush()
-    [record_time] = [line.split(" ")[1] for line in out.getvalue().splitlines()]
-    assert record_time.endswith(",250")
-    assert out.getvalue().startswith(time.strftime("%Y-%m-%d", time.localtime(86400.25)))
+    assert out.getvalue().startswith(
+        time.strftime("%Y-%m-%d %H:%M:%S,250", time.localtime(86400.25))
+    )
 
 
-def test_deferred_lines_stay_in_order_with_lines_logged_between_them():
-    logger, handler, out = _buffered("order")
+def test_deferred_lines_stay_in_order_with_lines_logged_between_them(buffered):
+    logger, handler, out = buffered("order")
     logs.defer(logger, logging.INFO, "first", {})
     logger.info("second")
     logs.defer(logger, logging.INFO, "third", {})
@@ -110,24 +156,46 @@ def test_deferred_lines_stay_in_order_with_lines_logged_between_them():
     ]
 
 
-def test_deferred_lines_are_written_when_the_buffer_fills_and_at_close():
-    logger, handler, out = _buffered("full")
-    for number in range(handler.capacity):
+def test_deferred_lines_are_written_when_the_buffer_fills(buffered):
+    logger, handler, out = buffered("full")
+    for number in range(handler.capacity - 1):
         logs.defer(logger, logging.INFO, f"line {number}", {})
-    assert len(out.getvalue().splitlines()) == handler.capacity
-    logs.defer(logger, logging.INFO, "last", {})
-    handler.close()  # what logging.shutdown does at a worker's exit
-    assert out.getvalue().splitlines()[-1].endswith("last")
+    assert out.getvalue() == ""
+    logger.info("the one that fills it")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == handler.capacity
+    assert lines[-2].endswith(f"line {handler.capacity - 2}")
+    assert lines[-1].endswith("the one that fills it")
+
+
+def test_deferred_lines_are_written_at_logging_shutdown(buffered):
+    """What a worker's exit does (Arbiter.spawn_worker)."""
+    logger, handler, out = buffered("exit")
+    logs.defer(logger, logging.INFO, "last words", {})
+    logging.shutdown([weakref.ref(handler)])
+    assert out.getvalue().endswith("last words\n")
+
+
+def test_a_line_is_logged_at_once_where_deferring_it_would_change_it(buffered):
+    logger, handler, out = buffered("filtered")
+    logger.addFilter(lambda record: "secret" not in record.getMessage())
+    logs.defer(logger, logging.INFO, "a secret", {})
+    logs.defer(logger, logging.INFO, "no filter stops this", {})
+    handler.flush()
+    assert out.getvalue().splitlines()[0].endswith("no filter stops this")
+    assert len(out.getvalue().splitlines()) == 1
 
 
 def test_a_deferred_line_below_the_level_is_dropped_and_without_buffering_written_at_once():
-    logger, handler, out = _buffered("level")
+    out = io.StringIO()
+    logger = logging.getLogger("tests.logs.unbuffered")
     logger.setLevel(logging.INFO)
-    logs.defer(logger, logging.DEBUG, "not this", {})
-    handler.flush()
-    assert out.getvalue() == ""
-    logger.removeHandler(handler)
+    logger.propagate = False
     direct = logging.StreamHandler(out)
     logger.addHandler(direct)
-    logs.defer(logger, logging.INFO, "at once", {"a": 1})
-    assert out.getvalue() == "at once\n"
+    try:
+        logs.defer(logger, logging.DEBUG, "not this", {})
+        logs.defer(logger, logging.INFO, "at once", {"a": 1})
+        assert out.getvalue() == "at once\n"
+    finally:
+        logger.removeHandler(direct)

@@ -203,9 +203,13 @@ class Arbiter:
         except BaseException:
             log.exception("worker %d failed", slot)
         finally:
-            logging.shutdown()
-            sys.stdout.flush()
-            os._exit(code)
+            try:
+                logging.shutdown()
+                sys.stdout.flush()
+            finally:
+                # A second Ctrl-C during the flush must not leave a forked
+                # child running the master's code.
+                os._exit(code)
 
     def _drain(self, worker: WorkerProcess) -> None:
         worker.draining = True
