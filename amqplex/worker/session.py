@@ -50,6 +50,11 @@ SESSION_LOGGER = __name__
 _CHANNEL_OPEN = commands.Channel.Open.index
 _OPEN_OK = methods.encode(0, commands.Connection.OpenOk())
 _CLOSE_OK = methods.encode(0, commands.Connection.CloseOk())
+# A read this large says the client has more waiting. libuv would read it
+# again, up to 32 times in one go, before any other client; instead it
+# waits for the next loop turn, so that streaming clients' messages reach a
+# shared upstream in the same turns and go out interleaved (writer.py).
+STREAMING_READ = 1 << 15
 # SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -103,6 +108,8 @@ class ClientSession(asyncio.Protocol):
         self._last_read = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._reading = True
+        # Not reading until the next loop turn (STREAMING_READ).
+        self._yielding = False
 
     # -- transport callbacks ---------------------------------------------------
 
@@ -119,6 +126,8 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         self.bytes_in += len(data)
+        if len(data) >= STREAMING_READ:
+            self._yield_turn()
         if self.state is State.HEADER:
             data = self._protocol_header(data)
             if not data:
@@ -463,11 +472,24 @@ class ClientSession(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self._reading and not self.transport.is_closing():
             self._reading = False
-            self.transport.pause_reading()
+            if not self._yielding:
+                self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if not self._reading and not self.transport.is_closing():
             self._reading = True
+            if not self._yielding:
+                self.transport.resume_reading()
+
+    def _yield_turn(self) -> None:
+        if self._reading and not self._yielding and not self.transport.is_closing():
+            self._yielding = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self._yielding = False
+        if self._reading and not self.transport.is_closing():
             self.transport.resume_reading()
 
     # -- channel bookkeeping ---------------------------------------------------------

@@ -200,7 +200,7 @@ class Upstream(asyncio.BufferedProtocol):
         self.pool = pool
         self.reader.frame_max = self.frame_max
         self.free_ids.extend(range(1, self.channel_max + 1))
-        self.writer = BatchedWriter(self.transport, self.loop)
+        self.writer = BatchedWriter(self.transport, self.loop, interleave=True)
         self._handshake_frames = None
         if self.heartbeat:
             self._heartbeat_timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)

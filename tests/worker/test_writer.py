@@ -1,0 +1,247 @@
+"""An upstream's writes: the channels of one flush take turns, each in its
+own order and with a message's frames together (writer.interleaved), so a
+long run of one client's messages does not hold the broker's connection
+back for the others."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import struct
+import uuid
+
+import pika
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import commands, header
+from pamqp import frame as pamqp_frame
+
+from amqplex.protocol.constants import FRAME_BODY
+from amqplex.worker import writer
+from amqplex.worker.writer import TURN, BatchedWriter, interleaved
+from tests.conftest import broker_params
+from tests.support.rawclient import RawClient, body_frame
+from tests.support.relay import UP
+
+
+def frame(frame_type: int, channel: int, tag: int) -> bytes:
+    """A stand-in frame: its type and channel where a frame has them, and a
+    tag to tell it apart."""
+    return struct.pack(">BHI", frame_type, channel, tag)
+
+
+def message(channel: int, tag: int, bodies: int = 1, viewed: bool = False) -> list:
+    """A publish as the writer gets it: the method frame, the content header
+    and the body frames; a large body as its header then its payload."""
+    pieces = [frame(1, channel, tag), frame(2, channel, tag)]
+    for _ in range(bodies):
+        if viewed:
+            pieces += [frame(3, channel, tag), memoryview(b"payload")]
+        else:
+            pieces.append(frame(3, channel, tag))
+    return pieces
+
+
+def _messages(chunks: list) -> list[list]:
+    """The chunks cut into messages: each from a method frame to the next
+    chunk that is one, a payload going with what is before it."""
+    out: list[list] = []
+    for chunk in chunks:
+        if type(chunk) is not memoryview and chunk[0] == 1:
+            out.append([])
+        out[-1].append(chunk)
+    return out
+
+
+# Bursts of like messages on a channel: a streaming client's read brings
+# hundreds, so turns end inside messages unless they are made not to.
+streams = st.lists(
+    st.tuples(
+        st.integers(1, 4),  # channel
+        st.integers(1, 150),  # messages in the burst
+        st.integers(1, 3),  # body frames each
+        st.booleans(),  # a large body (header, then its payload as a view)
+        st.booleans(),  # whole, as one piece (publish_whole)
+    ),
+    max_size=8,
+)
+
+
+def _chunks(stream) -> list:
+    chunks: list = []
+    tag = 0
+    for channel, count, bodies, viewed, whole in stream:
+        for _ in range(count):
+            tag += 1
+            pieces = message(channel, tag, bodies, viewed)
+            chunks += [b"".join(bytes(p) for p in pieces)] if whole else pieces
+    return chunks
+
+
+@given(streams)
+def test_every_chunk_leaves_once_with_each_channels_order_and_messages_kept(stream):
+    chunks = _chunks(stream)
+    out = interleaved(chunks)
+    assert sorted(map(bytes, out)) == sorted(map(bytes, chunks))
+    before, after = _messages(chunks), _messages(out)
+    assert sorted(map(repr, after)) == sorted(map(repr, before))  # each whole, none split
+
+    def by_channel(messages: list[list]) -> dict[bytes, list]:
+        channels: dict[bytes, list] = {}
+        for pieces in messages:
+            channels.setdefault(bytes(pieces[0][1:3]), []).append(pieces)
+        return channels
+
+    assert by_channel(after) == by_channel(before)
+
+
+@given(streams)
+def test_no_channel_goes_on_for_much_more_than_a_turn_while_another_waits(stream):
+    chunks = _chunks(stream)
+    out = interleaved(chunks)
+    waiting = {bytes(m[0][1:3]) for m in _messages(chunks)}
+    left = {key: sum(1 for m in _messages(chunks) if bytes(m[0][1:3]) == key) for key in waiting}
+    run_channel, run_length = None, 0
+    for pieces in _messages(out):
+        key = bytes(pieces[0][1:3])
+        run_length = run_length + len(pieces) if key == run_channel else len(pieces)
+        run_channel = key
+        left[key] -= 1
+        others_waiting = any(count for other, count in left.items() if other != key)
+        if others_waiting:
+            # A turn is TURN chunks, finished to the end of its message.
+            assert run_length < TURN + len(pieces)
+
+
+def test_one_channel_is_left_as_it_is():
+    chunks = message(1, 1) * 100
+    assert interleaved(chunks) is chunks
+
+
+def test_two_streams_take_turns_of_a_turns_length():
+    chunks = [frame(1, 1, tag) for tag in range(300)] + [frame(1, 2, tag) for tag in range(300)]
+    out = interleaved(chunks)
+    channels = [struct.unpack_from(">H", chunk, 1)[0] for chunk in out]
+    assert channels[:TURN] == [1] * TURN
+    assert channels[TURN : 2 * TURN] == [2] * TURN
+    assert channels[2 * TURN : 3 * TURN] == [1] * TURN
+
+
+class Transport:
+    """What the writer calls on its transport, recording what it wrote."""
+
+    def __init__(self) -> None:
+        self.written: list = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def writelines(self, chunks: list) -> None:
+        self.written.append(list(chunks))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_an_upstream_writer_interleaves_a_large_flush_and_a_client_writer_does_not():
+    loop = asyncio.new_event_loop()
+    try:
+        chunks = [frame(1, 1, tag) for tag in range(200)] + [frame(1, 2, tag) for tag in range(200)]
+        for interleave in (True, False):
+            transport = Transport()
+            batched = BatchedWriter(transport, loop, interleave=interleave)
+            for chunk in chunks:
+                batched.write(chunk)
+            batched.flush()
+            [written] = transport.written
+            assert (written == interleaved(chunks)) is interleave
+            assert (written == chunks) is not interleave
+    finally:
+        loop.close()
+
+
+def test_a_small_flush_is_written_as_it_came(monkeypatch):
+    calls = []
+    monkeypatch.setattr(writer, "interleaved", lambda chunks: calls.append(chunks) or chunks)
+    loop = asyncio.new_event_loop()
+    try:
+        transport = Transport()
+        batched = BatchedWriter(transport, loop, interleave=True)
+        for tag in range(2 * TURN):
+            batched.write(frame(1, 1 + tag % 2, tag))
+        batched.flush()
+        assert calls == [] and len(transport.written[0]) == 2 * TURN
+    finally:
+        loop.close()
+
+
+def test_streaming_publishers_on_one_upstream_reach_the_broker_in_turns(
+    fresh_amqplexd, relay, user
+):
+    """Two clients streaming publishes through one worker: at the broker their
+    channels alternate in short runs (a long run of one holds RabbitMQ's
+    reader back for both), each channel's messages complete and in order."""
+    daemon = fresh_amqplexd(upstream=relay.url)
+    count = 20_000
+    queues = [f"amqplex-test.turns.{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with pika.BlockingConnection(broker_params()) as admin:
+        channel = admin.channel()
+        for queue in queues:
+            channel.queue_declare(queue, arguments={"x-expires": 60_000})
+        clients = [RawClient(daemon.port) for _ in queues]
+        try:
+            for client in clients:
+                client.handshake(user.name, user.password)
+                client.open_channel(1)
+            with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+                list(pool.map(_stream, clients, queues, [count] * len(clients)))
+            counts = [channel.queue_declare(q, passive=True).method.message_count for q in queues]
+        finally:
+            for client in clients:
+                client.close()
+            for queue in queues:
+                channel.queue_delete(queue)
+    assert counts == [count, count]
+
+    bodies = max(
+        (
+            [(f.channel, f.raw) for f in c.frames(UP) if f.frame_type == FRAME_BODY]
+            for c in relay.open_connections
+        ),
+        key=len,
+    )
+    sequence = {}
+    for channel_id, raw in bodies:
+        sequence.setdefault(channel_id, []).append(struct.unpack_from(">I", raw, 7)[0])
+    assert sorted(map(sorted, sequence.values())) == [list(range(count))] * 2
+    assert all(numbers == sorted(numbers) for numbers in sequence.values())
+
+    # While both still have messages to come, how long one channel goes on.
+    first_done = min(
+        max(i for i, (c, _) in enumerate(bodies) if c == channel_id) for channel_id in sequence
+    )
+    runs, previous = [], None
+    for channel_id, _ in bodies[:first_done]:
+        if channel_id == previous:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        previous = channel_id
+    short = sum(run for run in runs if run <= 4 * TURN)
+    assert short >= sum(runs) / 2, f"most messages in long runs: {sorted(runs)[-5:]}"
+
+
+def _stream(client: RawClient, queue: str, count: int) -> None:
+    """`count` numbered 64 B messages in 64 KB sends, then a round trip on
+    the same channel, which the broker answers after them."""
+    publish = pamqp_frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue), 1)
+    content = pamqp_frame.marshal(header.ContentHeader(0, 64, commands.Basic.Properties()), 1)
+    batch: list[bytes] = []
+    for number in range(count):
+        batch.append(publish + content + body_frame(1, struct.pack(">I", number) + bytes(60)))
+        if len(batch) * len(batch[0]) >= 1 << 16:
+            client.send(b"".join(batch))
+            batch = []
+    client.send(b"".join(batch))
+    client.method(1, commands.Queue.Declare(queue=queue, passive=True))
+    client.expect(commands.Queue.DeclareOk, timeout=60)
