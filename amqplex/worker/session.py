@@ -50,11 +50,12 @@ SESSION_LOGGER = __name__
 _CHANNEL_OPEN = commands.Channel.Open.index
 _OPEN_OK = methods.encode(0, commands.Connection.OpenOk())
 _CLOSE_OK = methods.encode(0, commands.Connection.CloseOk())
-# A read this large says the client has more waiting. libuv would read it
-# again, up to 32 times in one go, before any other client; instead it
-# waits for the next loop turn, so that streaming clients' messages reach a
+# A read that filled the event loop's buffer (uvloop's is 256,000 bytes,
+# asyncio's 256 KiB): the client has more waiting, and libuv would read it
+# again, up to 32 times in one go, before any other client. It waits for
+# the next loop turn instead, so that streaming clients' messages reach a
 # shared upstream in the same turns and go out interleaved (writer.py).
-STREAMING_READ = 1 << 15
+STREAMING_READ = 256_000
 # SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
