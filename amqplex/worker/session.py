@@ -50,11 +50,13 @@ SESSION_LOGGER = __name__
 _CHANNEL_OPEN = commands.Channel.Open.index
 _OPEN_OK = methods.encode(0, commands.Connection.OpenOk())
 _CLOSE_OK = methods.encode(0, commands.Connection.CloseOk())
-# A read that filled the event loop's buffer (uvloop's is 256,000 bytes,
-# asyncio's 256 KiB): the client has more waiting, and libuv would read it
-# again, up to 32 times in one go, before any other client. It waits for
-# the next loop turn instead, so that streaming clients' messages reach a
-# shared upstream in the same turns and go out interleaved (writer.py).
+# A read that filled uvloop's buffer (UV_STREAM_RECV_BUF_SIZE, 256,000
+# bytes): the client has more waiting, and libuv would read it again, up to
+# 32 times in one go, before any other client. It waits for the next loop
+# turn instead, so that streaming clients' messages reach a shared upstream
+# in the same turns and go out interleaved (writer.py). (asyncio's own loop
+# reads a socket once a turn anyway; a TLS client's reads are decrypted
+# records, mostly smaller, so it seldom yields.)
 STREAMING_READ = 256_000
 # SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -3,7 +3,35 @@ call to the transport (one writev), instead of a syscall per frame; on an
 upstream, with the channels of that turn taking turns (interleaved)."""
 
 import asyncio
+import struct
 import typing
+
+from pamqp import commands
+
+from amqplex.protocol.constants import FRAME_METHOD
+
+# About how many chunks (frames, or whole messages) of one channel go in a
+# row when one flush holds several channels'. RabbitMQ hands a channel only
+# so many messages (its credit flow: 400, topped up by 200) ahead of what
+# the channel has processed, and its connection's reader waits while one
+# channel's run goes on: two publishers' 256 B messages sent directly on one
+# connection went at 105-107k a second in runs of 230 messages a channel,
+# 80-81k in runs of 7,000 (bench/RESULTS.md).
+TURN = 64
+# The methods whose runs take turns, as the four octets of a method frame's
+# class and method ids: streams. Any other method frame stays where it was
+# written, and so does everything around it on its side of it: the broker
+# sees control methods (Channel.Open and Close, declares, deletes,
+# Connection.Close) in the order the proxy wrote them.
+_STREAMED = frozenset(
+    struct.pack(">I", method.index)
+    for method in (
+        commands.Basic.Publish,
+        commands.Basic.Ack,
+        commands.Basic.Reject,
+        commands.Basic.Nack,
+    )
+)
 
 
 class BatchedWriter:
@@ -48,36 +76,47 @@ class BatchedWriter:
         return sum(map(len, self._chunks)) + self._transport.get_write_buffer_size()
 
 
-# About how many chunks of one channel go in a row, when one flush holds
-# several channels'. RabbitMQ hands a channel only so many messages (its
-# credit flow: 400, topped up by 200) ahead of what the channel has
-# processed, and its connection's reader waits while one channel's run
-# goes on: two publishers' 256 B messages sent directly on one connection
-# went at 105-107k a second in runs of 230 a channel, 80-81k in runs of
-# 7,000 (bench/RESULTS.md).
-TURN = 64
-_METHOD = 1  # frame type
-
-
 def interleaved(chunks: list) -> list:
-    """`chunks` (whole frames and messages, and after a large body's header
-    its payload, a memoryview) with their channels taking turns of TURN or
-    so: each channel's own order is kept, and a turn ends only before a
-    method frame, so a message's frames stay together."""
-    channels: dict[bytes, list] = {}
+    """`chunks` with their channels taking turns of TURN chunks or so: each
+    channel's own order kept, a turn ending only before a method frame (a
+    message's frames stay together), and only streams reordered (_STREAMED):
+    any other method frame is a fence that nothing crosses.
+
+    A chunk is a whole frame or message as bytes, or, after a large body's
+    7-byte header, that body's payload as a memoryview (framing.retarget):
+    what every writer of an upstream hands over."""
+    out: list = []
+    segment: list = []
+    for chunk in chunks:
+        if (
+            type(chunk) is not memoryview
+            and chunk[0] == FRAME_METHOD
+            and bytes(chunk[7:11]) not in _STREAMED
+        ):
+            out += _taking_turns(segment)
+            out.append(chunk)
+            segment = []
+        else:
+            segment.append(chunk)
+    out += _taking_turns(segment)
+    return out
+
+
+def _taking_turns(chunks: list) -> list:
+    channels: dict[int, list] = {}
     current = None
     for chunk in chunks:
         if type(chunk) is memoryview:  # a payload: its header's channel
-            if current is None:
+            if current is None:  # never first, by construction
                 return chunks
             current.append(chunk)
             continue
-        key = bytes(chunk[1:3])
+        key = chunk[1] << 8 | chunk[2]
         current = channels.get(key)
         if current is None:
             current = channels[key] = []
         current.append(chunk)
-    if len(channels) < 2:
+    if len(channels) < 2 or max(map(len, channels.values())) <= TURN:
         return chunks
     runs = list(channels.values())
     starts = [0] * len(runs)
@@ -86,7 +125,7 @@ def interleaved(chunks: list) -> list:
         for index, run in enumerate(runs):
             start = starts[index]
             end = min(start + TURN, len(run))
-            while end < len(run) and (type(run[end]) is memoryview or run[end][0] != _METHOD):
+            while end < len(run) and (type(run[end]) is memoryview or run[end][0] != FRAME_METHOD):
                 end += 1
             out.extend(run[start:end])
             starts[index] = end

@@ -23,11 +23,16 @@ from tests.conftest import broker_params
 from tests.support.rawclient import RawClient, body_frame
 from tests.support.relay import UP
 
+PUBLISH = struct.pack(">I", commands.Basic.Publish.index)
+QUEUE_DELETE = struct.pack(">I", commands.Queue.Delete.index)
+CONNECTION_CLOSE = struct.pack(">I", commands.Connection.Close.index)
 
-def frame(frame_type: int, channel: int, tag: int) -> bytes:
-    """A stand-in frame: its type and channel where a frame has them, and a
-    tag to tell it apart."""
-    return struct.pack(">BHI", frame_type, channel, tag)
+
+def frame(frame_type: int, channel: int, tag: int, method: bytes = PUBLISH) -> bytes:
+    """A stand-in frame: its type, channel and, for a method frame, method
+    ids where a frame has them, and a tag to tell it apart."""
+    payload = (method if frame_type == 1 else b"") + struct.pack(">I", tag)
+    return struct.pack(">BHI", frame_type, channel, len(payload)) + payload
 
 
 def message(channel: int, tag: int, bodies: int = 1, viewed: bool = False) -> list:
@@ -113,9 +118,31 @@ def test_no_channel_goes_on_for_much_more_than_a_turn_while_another_waits(stream
             assert run_length < TURN + len(pieces)
 
 
+def test_a_control_method_is_a_fence_nothing_crosses():
+    before = [frame(1, 1, tag) for tag in range(300)] + [frame(1, 2, tag) for tag in range(10)]
+    fence = frame(1, 2, 999, QUEUE_DELETE)
+    after = [frame(1, 3, tag) for tag in range(300)] + [frame(1, 1, tag) for tag in range(300, 310)]
+    out = interleaved(before + [fence] + after)
+    at = out.index(fence)
+    assert sorted(out[:at]) == sorted(before) and sorted(out[at + 1 :]) == sorted(after)
+    assert out[:at] != before  # the streams before it still took turns
+
+
+def test_connection_close_stays_after_everything_written_before_it():
+    chunks = [frame(1, 1, tag) for tag in range(200)] + [frame(1, 2, tag) for tag in range(200)]
+    close = frame(1, 0, 0, CONNECTION_CLOSE)
+    out = interleaved([frame(8, 0, 0), *chunks, close])
+    assert out[-1] == close
+
+
+def test_channels_within_a_turn_are_left_in_their_order():
+    chunks = [frame(1, 1 + tag % 2, tag) for tag in range(2 * TURN)]
+    assert interleaved(chunks) == chunks
+
+
 def test_one_channel_is_left_as_it_is():
     chunks = message(1, 1) * 100
-    assert interleaved(chunks) is chunks
+    assert interleaved(chunks) == chunks
 
 
 def test_two_streams_take_turns_of_a_turns_length():
