@@ -3,12 +3,13 @@ call to the transport (one writev), instead of a syscall per frame; on an
 upstream, with the channels of that turn taking turns (interleaved)."""
 
 import asyncio
-import struct
+import itertools
 import typing
 
 from pamqp import commands
 
 from amqplex.protocol.constants import FRAME_METHOD
+from amqplex.protocol.framing import method_index
 
 # About how many chunks (frames, or whole messages) of one channel go in a
 # row when one flush holds several channels'. RabbitMQ hands a channel only
@@ -18,13 +19,13 @@ from amqplex.protocol.constants import FRAME_METHOD
 # connection went at 105-107k a second in runs of 230 messages a channel,
 # 80-81k in runs of 7,000 (bench/RESULTS.md).
 TURN = 64
-# The methods whose runs take turns, as the four octets of a method frame's
-# class and method ids: streams. Any other method frame stays where it was
+# The methods whose runs take turns (pamqp's indices, as method_index reads
+# them): streams. Any other method frame stays where it was
 # written, and so does everything around it on its side of it: the broker
 # sees control methods (Channel.Open and Close, declares, deletes,
 # Connection.Close) in the order the proxy wrote them.
 _STREAMED = frozenset(
-    struct.pack(">I", method.index)
+    method.index
     for method in (
         commands.Basic.Publish,
         commands.Basic.Ack,
@@ -91,7 +92,7 @@ def interleaved(chunks: list) -> list:
         if (
             type(chunk) is not memoryview
             and chunk[0] == FRAME_METHOD
-            and bytes(chunk[7:11]) not in _STREAMED
+            and method_index(chunk) not in _STREAMED
         ):
             out += _taking_turns(segment)
             out.append(chunk)
@@ -118,18 +119,20 @@ def _taking_turns(chunks: list) -> list:
         current.append(chunk)
     if len(channels) < 2 or max(map(len, channels.values())) <= TURN:
         return chunks
-    runs = list(channels.values())
-    starts = [0] * len(runs)
     out: list = []
-    while runs:
-        for index, run in enumerate(runs):
-            start = starts[index]
-            end = min(start + TURN, len(run))
-            while end < len(run) and (type(run[end]) is memoryview or run[end][0] != FRAME_METHOD):
-                end += 1
-            out.extend(run[start:end])
-            starts[index] = end
-        left = [index for index, run in enumerate(runs) if starts[index] < len(run)]
-        runs = [runs[index] for index in left]
-        starts = [starts[index] for index in left]
+    for turns in itertools.zip_longest(*map(_turns, channels.values()), fillvalue=()):
+        for turn in turns:
+            out += turn
     return out
+
+
+def _turns(run: list) -> typing.Iterator[list]:
+    """One channel's chunks in turns of TURN or so, each ending before a
+    method frame."""
+    start = 0
+    while start < len(run):
+        end = min(start + TURN, len(run))
+        while end < len(run) and (type(run[end]) is memoryview or run[end][0] != FRAME_METHOD):
+            end += 1
+        yield run[start:end]
+        start = end
