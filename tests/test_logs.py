@@ -106,15 +106,24 @@ def test_a_deferred_record_is_the_record_logging_makes(buffered, monkeypatch):
     logger, handler, _ = buffered("record")
     fields = {"user": "guest"}
     logger.info("client session ended", extra={"fields": fields})
+    # Deferred as if half a second earlier, so that its times must be moved.
+    earlier = time.time() - 0.5
+    monkeypatch.setattr(logs, "time", types.SimpleNamespace(time=lambda: earlier))
     logs.defer(logger, logging.INFO, "client session ended", fields)
+    monkeypatch.setattr(logs, "time", time)
     handler.acquire()
     try:
         handler._make_deferred()
         logged, deferred = (vars(record).copy() for record in handler.buffer)
     finally:
         handler.release()
-    for timed in ("created", "msecs", "relativeCreated"):
-        assert abs(deferred.pop(timed) - logged.pop(timed)) < 1000
+    # Its times are its own, and move together: relativeCreated by what
+    # created did (msecs: test_a_deferred_line_keeps_the_time_it_was_deferred_at).
+    moved = deferred.pop("created") - logged.pop("created")
+    assert -0.6 < moved < -0.4
+    moved_relative = deferred.pop("relativeCreated") - logged.pop("relativeCreated")
+    assert abs(moved_relative - moved * 1000) < 1
+    deferred.pop("msecs"), logged.pop("msecs")
     assert deferred == logged
 
 
