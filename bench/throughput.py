@@ -10,8 +10,10 @@ from bench import frames, procs
 from bench.broker import BROKER, BROKER_URL
 from bench.context import CEILING, Bench, CpuMeter, gen_cpu, zero_cost_ceiling
 from bench.daemon import Daemon
+from bench.procs import ChildServer
 from bench.relay import Relay
 from bench.report import Row, Target
+from bench.splice_relay import SpliceRelay
 from bench.wire import open_wire
 
 SOCKET_TIMEOUT = 60.0
@@ -34,6 +36,16 @@ class Size:
 
 
 SIZES = (Size("256 B", 256, 0.95), Size("64 KB", 65536, 0.85))
+
+
+# The reference runs' labels, and the way they are named in the table.
+REFERENCES = {
+    # one uvloop process that parses nothing: what any one-hop proxy costs
+    "relay": "via a bare relay",
+    # splice(2) through a pipe, no byte in user space (splice_relay.py)
+    "splice": "via a zero-copy relay",
+}
+Relays = tuple[ChildServer, ...]
 
 
 @dataclasses.dataclass
@@ -97,12 +109,10 @@ def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dic
     return {"start": start, "end": end, "cpu": cpu, "got": got}
 
 
-def _meter(bench: Bench, relay: Relay | None, daemon: Daemon | None) -> CpuMeter:
-    # The bare relay's own CPU is what a one-hop proxy that parses nothing
-    # costs: the reference amqplexd's is read against.
-    if relay is not None:
-        return bench.meter(daemon, relay=[relay.pid])
-    return bench.meter(daemon)
+def _meter(bench: Bench, relays: Relays, daemon: Daemon | None) -> CpuMeter:
+    # A relay's own CPU is what a one-hop proxy that parses nothing costs:
+    # the reference amqplexd's is read against.
+    return bench.meter(daemon, **{relay.name: [relay.pid] for relay in relays})
 
 
 def _rate(results: list[dict], count: int, size: int, meter: CpuMeter) -> Rate:
@@ -118,19 +128,19 @@ def publish(
     size: Size,
     keep: bool = False,
     publishers: int | None = None,
-    relay: Relay | None = None,
+    relays: Relays = (),
     daemon: Daemon | None = None,
 ) -> tuple[Rate, list[str]]:
     """Publish into fresh queues (one per publisher; as many publishers as
     the profile says unless `publishers`) and verify every message landed;
     the queues are deleted unless `keep`. The CPU figures include the
-    `relay`'s own, if one is given, and are those of `daemon` if it is not
-    the main amqplexd."""
+    `relays`' own, and are those of `daemon` if it is not the main
+    amqplexd."""
     count = size.count(bench)
     queues = [bench.admin.queue(label) for _ in range(publishers or bench.profile.publishers)]
     try:
         args = [(addr, queue, size.size, count) for queue in queues]
-        meter = _meter(bench, relay, daemon)
+        meter = _meter(bench, relays, daemon)
         _, results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: count for queue in queues})
         if short := [r["declared"] for r in results if r["declared"] != count]:
@@ -147,15 +157,15 @@ def publish(
     return _rate(results, count, size.size, meter), queues
 
 
-def consume(bench: Bench, label: str, addr: tuple, size: Size, relay: Relay | None = None) -> Rate:
+def consume(bench: Bench, label: str, addr: tuple, size: Size, relays: Relays = ()) -> Rate:
     """Fill queues directly, then drain them through `addr`; verify each
     consumer got all of its queue and the queues are empty. The CPU figures
-    include the `relay`'s own, if one is given."""
+    include the `relays`' own."""
     count = size.count(bench)
     _, queues = publish(bench, f"{label}.fill", BROKER, size, keep=True)
     try:
         args = [(addr, queue, count) for queue in queues]
-        meter = _meter(bench, relay, None)
+        meter = _meter(bench, relays, None)
         _, results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: 0 for queue in queues})
     finally:
@@ -176,18 +186,10 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
     )
     ceiling = zero_cost_ceiling(proxy.per_second, proxy.cpu)
     bench.add(Row(scenario, f"{size.label} msg/s, {CEILING}", "1/s", direct.per_second, ceiling))
-    if "relay" in runs:
-        # The same clients through a bare byte relay (one uvloop process that
-        # parses nothing): what any one-hop proxy costs on this machine.
-        bench.add(
-            Row(
-                scenario,
-                f"{size.label} msg/s via a bare relay (reference)",
-                "1/s",
-                direct.per_second,
-                runs["relay"].per_second,
-            )
-        )
+    for label, way in REFERENCES.items():
+        if label in runs:
+            row = f"{size.label} msg/s {way} (reference)"
+            bench.add(Row(scenario, row, "1/s", direct.per_second, runs[label].per_second))
     for label, run in runs.items():
         cores = ", ".join(
             f"{name} {used:.2f} ({used / run.per_second * 1e6:.1f} us/msg)"
@@ -204,12 +206,24 @@ def _report(bench: Bench, scenario: str, size: Size, runs: dict[str, Rate]) -> N
     )
 
 
+def _places(
+    bench: Bench, size: Size, relay: Relay, splice: SpliceRelay
+) -> list[tuple[str, tuple[str, int]]]:
+    """Where the clients of each run of `size` go, by label: the broker,
+    amqplexd, the bare relay, and for large messages, whose cost is mostly
+    the socket copies, the relay that makes none."""
+    places = [*bench.targets(), ("relay", relay.addr)]
+    if size.size > 4096:
+        places.append(("splice", splice.addr))
+    return places
+
+
 def run_publish(bench: Bench) -> None:
-    with Relay(BROKER, 0.0) as relay:
+    with Relay(BROKER, 0.0) as relay, SpliceRelay(BROKER) as splice:
         for size in SIZES:
             runs = {}
-            for label, addr in [*bench.targets(), ("relay", relay.addr)]:
-                runs[label], _ = publish(bench, f"publish.{label}", addr, size, relay=relay)
+            for label, addr in _places(bench, size, relay, splice):
+                runs[label], _ = publish(bench, f"publish.{label}", addr, size, (relay, splice))
                 if label == "proxy" and size.size > 4096:
                     bench.record_worker_rss()
             _report(bench, "publish", size, runs)
@@ -283,11 +297,11 @@ def _reach_every_pool(daemon: Daemon) -> None:
 
 
 def run_consume(bench: Bench) -> None:
-    with Relay(BROKER, 0.0) as relay:
+    with Relay(BROKER, 0.0) as relay, SpliceRelay(BROKER) as splice:
         for size in SIZES:
             runs = {}
-            for label, addr in [*bench.targets(), ("relay", relay.addr)]:
-                runs[label] = consume(bench, f"consume.{label}", addr, size, relay)
+            for label, addr in _places(bench, size, relay, splice):
+                runs[label] = consume(bench, f"consume.{label}", addr, size, (relay, splice))
                 if label == "proxy" and size.size > 4096:
                     bench.record_worker_rss()
             _report(bench, "consume", size, runs)
