@@ -24,6 +24,7 @@ class Profile:
     publishers: int = 3
     small_messages: int = 100_000  # per publisher / consumer
     large_messages: int = 5_000
+    turns: int = 3  # runs of each throughput place, taken in turns (median kept)
     memory_clients: int = 2000
     memory_procs: int = 4
     fleet_clients: int = 3000
@@ -37,6 +38,7 @@ QUICK = Profile(
     rtt_seconds=2.0,
     small_messages=10_000,
     large_messages=200,
+    turns=1,
     memory_clients=300,
     fleet_clients=300,
     timeout=60.0,

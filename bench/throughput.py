@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 from bench import frames, procs
 from bench.broker import BROKER, BROKER_URL
@@ -218,14 +219,51 @@ def _places(
     return places
 
 
+def _in_turns(
+    bench: Bench,
+    scenario: str,
+    size: Size,
+    places: list[tuple[str, tuple[str, int]]],
+    run: Callable[[str, tuple[str, int]], Rate],
+) -> dict[str, Rate]:
+    """Run every place `bench.profile.turns` times, taking turns (direct,
+    proxy, the references, then all again), and keep each place's median
+    run by rate. A run lasts seconds, and on a shared host the machine's
+    speed moves over seconds (direct 64 KB publish runs at 12,300 to
+    24,700 msg/s minutes apart, one day): in turns, every place meets
+    the slow spells alike, and one spell moves no median. Each turn's
+    proxy/direct ratio is noted."""
+    turns: dict[str, list[Rate]] = {label: [] for label, _ in places}
+    for _ in range(bench.profile.turns):
+        for label, addr in places:
+            turns[label].append(run(label, addr))
+            if label == "proxy" and size.size > 4096:
+                bench.record_worker_rss()
+    pairs = zip(turns["direct"], turns["proxy"], strict=True)
+    ratios = [proxy.per_second / direct.per_second for direct, proxy in pairs]
+    bench.note(
+        f"{scenario} {size.label}: proxy/direct in each of {len(ratios)} turns: "
+        + ", ".join(f"{ratio:.2f}x" for ratio in ratios)
+        + " (the table has each place's median run)"
+    )
+    return {label: _median_run(rates) for label, rates in turns.items()}
+
+
+def _median_run(rates: list[Rate]) -> Rate:
+    """The run whose rate is the median (the lower middle one of an even
+    count), kept whole for its CPU figures."""
+    return sorted(rates, key=lambda rate: rate.per_second)[(len(rates) - 1) // 2]
+
+
 def run_publish(bench: Bench) -> None:
     with Relay(BROKER, 0.0) as relay, SpliceRelay(BROKER) as splice:
+        relays = (relay, splice)
         for size in SIZES:
-            runs = {}
-            for label, addr in _places(bench, size, relay, splice):
-                runs[label], _ = publish(bench, f"publish.{label}", addr, size, (relay, splice))
-                if label == "proxy" and size.size > 4096:
-                    bench.record_worker_rss()
+
+            def run(label: str, addr: tuple, size: Size = size) -> Rate:
+                return publish(bench, f"publish.{label}", addr, size, relays=relays)[0]
+
+            runs = _in_turns(bench, "publish", size, _places(bench, size, relay, splice), run)
             _report(bench, "publish", size, runs)
     _publish_one_connection(bench, SIZES[0])
     _publish_spread(bench, SIZES[0])
@@ -298,10 +336,11 @@ def _reach_every_pool(daemon: Daemon) -> None:
 
 def run_consume(bench: Bench) -> None:
     with Relay(BROKER, 0.0) as relay, SpliceRelay(BROKER) as splice:
+        relays = (relay, splice)
         for size in SIZES:
-            runs = {}
-            for label, addr in _places(bench, size, relay, splice):
-                runs[label] = consume(bench, f"consume.{label}", addr, size, (relay, splice))
-                if label == "proxy" and size.size > 4096:
-                    bench.record_worker_rss()
+
+            def run(label: str, addr: tuple, size: Size = size) -> Rate:
+                return consume(bench, f"consume.{label}", addr, size, relays)
+
+            runs = _in_turns(bench, "consume", size, _places(bench, size, relay, splice), run)
             _report(bench, "consume", size, runs)

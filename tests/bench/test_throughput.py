@@ -1,0 +1,53 @@
+"""The throughput scenarios' runs in turns: every place runs in every turn,
+in order, and the table gets each place's median run, not its first or
+best one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bench.context import QUICK, Bench
+from bench.throughput import Rate, Size, _in_turns
+
+SMALL = Size("256 B", 256, 0.95)
+PLACES = [("direct", ("127.0.0.1", 1)), ("proxy", ("127.0.0.1", 2)), ("relay", ("127.0.0.1", 3))]
+
+
+def _bench(turns: int) -> Bench:
+    return Bench(dataclasses.replace(QUICK, turns=turns), admin=None, proxy=None, workers=2)
+
+
+def _rate(per_second: float) -> Rate:
+    return Rate(messages=int(per_second), seconds=1.0, size=256, cpu={})
+
+
+def test_places_take_turns_and_each_keeps_its_median_run():
+    run = _runs({"direct": [100, 300, 200], "proxy": [90, 60, 80], "relay": [5, 4, 6]})
+    bench = _bench(turns=3)
+    runs = _in_turns(bench, "publish", SMALL, PLACES, run)
+    assert run.done == ["direct", "proxy", "relay"] * 3
+    assert {label: run.per_second for label, run in runs.items()} == {
+        "direct": 200,
+        "proxy": 80,
+        "relay": 5,
+    }
+    assert "0.90x, 0.20x, 0.40x" in bench.notes[-1]
+
+
+def test_an_even_count_keeps_the_lower_middle_run():
+    runs = _in_turns(
+        _bench(turns=2), "publish", SMALL, PLACES[:2], _runs({"direct": [40, 10], "proxy": [7, 9]})
+    )
+    assert (runs["direct"].per_second, runs["proxy"].per_second) == (10, 7)
+
+
+def _runs(rates: dict[str, list[int]]):  # noqa: ANN202
+    """A run() giving each place its rates in order."""
+    done: list[str] = []
+
+    def run(label: str, addr: tuple) -> Rate:
+        done.append(label)
+        return _rate(rates[label][done.count(label) - 1])
+
+    run.done = done
+    return run
