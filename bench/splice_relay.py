@@ -5,6 +5,7 @@ beside the bare (uvloop) relay.
 
 A thread per direction, blocking sockets: a pump waits for its source and
 for its sink's room, as the kernel says, and nothing else is scheduled.
+An end of either direction ends both (no half-close: AMQP has none).
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ PIPE_SIZE = 1 << 20  # the kernel's default pipe-max-size
 def _pump(source: socket.socket, sink: socket.socket) -> None:
     """Move everything from `source` to `sink` until either end closes,
     then shut both down, which ends the other direction's pump too."""
-    read_end, write_end = os.pipe()
+    pipe: tuple[int, int] | None = None
     try:
-        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        pipe = read_end, write_end = os.pipe()
+        # Larger pipefuls mean fewer calls; refused past the user's pipe
+        # quota, and the default size only costs calls.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while moved := os.splice(source.fileno(), write_end, PIPE_SIZE, flags=os.SPLICE_F_MOVE):
-            while moved:
+            while moved:  # a sink short of room takes part of it
                 moved -= os.splice(read_end, sink.fileno(), moved, flags=os.SPLICE_F_MOVE)
     except OSError:
-        pass  # a reset or a closed peer ends the connection like an EOF
+        pass  # a reset, a closed peer or no pipe to be had: the connection ends
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        for fd in pipe or ():
+            os.close(fd)
         for sock in (source, sink):
             with contextlib.suppress(OSError):  # already down
                 sock.shutdown(socket.SHUT_RDWR)

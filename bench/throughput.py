@@ -231,8 +231,9 @@ def _in_turns(
     run by rate. A run lasts seconds, and on a shared host the machine's
     speed moves over seconds (direct 64 KB publish runs at 12,300 to
     24,700 msg/s minutes apart, one day): in turns, every place meets
-    the slow spells alike, and one spell moves no median. Each turn's
-    proxy/direct ratio is noted."""
+    the slow spells about alike, and one slow run cannot become a
+    place's figure. The order within a turn stays the same (direct
+    first). Each turn's proxy/direct ratio is noted."""
     turns: dict[str, list[Rate]] = {label: [] for label, _ in places}
     for _ in range(bench.profile.turns):
         for label, addr in places:

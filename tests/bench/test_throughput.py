@@ -1,15 +1,17 @@
-"""The throughput scenarios' runs in turns: every place runs in every turn,
-in order, and the table gets each place's median run, not its first or
-best one."""
+"""The throughput scenarios' places and runs: every place runs in every
+turn, in order, and the table gets each place's median run, not its first
+or best one; the zero-copy relay runs where it is a reference (large
+messages), and each relay's CPU is its own group."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from bench.context import QUICK, Bench
-from bench.throughput import Rate, Size, _in_turns
+from bench.throughput import Rate, Size, _in_turns, _meter, _places
 
 SMALL = Size("256 B", 256, 0.95)
+LARGE = Size("64 KB", 65536, 0.85)
 PLACES = [("direct", ("127.0.0.1", 1)), ("proxy", ("127.0.0.1", 2)), ("relay", ("127.0.0.1", 3))]
 
 
@@ -51,3 +53,33 @@ def _runs(rates: dict[str, list[int]]):  # noqa: ANN202
 
     run.done = done
     return run
+
+
+class _Server:
+    def __init__(self, name: str, pid: int, port: int) -> None:
+        self.name, self.pid, self.addr = name, pid, ("127.0.0.1", port)
+
+
+class _Daemon:
+    addr = ("127.0.0.1", 5673)
+
+    def pids(self) -> list[int]:
+        return [11, 12]
+
+
+def test_the_zero_copy_relay_runs_for_large_messages_only():
+    bench = dataclasses.replace(_bench(turns=1), proxy=_Daemon())
+    relay, splice = _Server("relay", 21, 6001), _Server("splice relay", 22, 6002)
+    small = [label for label, _ in _places(bench, SMALL, relay, splice)]
+    large = [label for label, _ in _places(bench, LARGE, relay, splice)]
+    assert small == ["direct", "proxy", "relay"]
+    assert large == ["direct", "proxy", "relay", "splice"]
+    assert dict(_places(bench, LARGE, relay, splice))["splice"] == splice.addr
+
+
+def test_each_relay_is_metered_as_a_group_of_its_own():
+    bench = dataclasses.replace(_bench(turns=1), proxy=_Daemon())
+    relays = (_Server("relay", 21, 6001), _Server("splice relay", 22, 6002))
+    groups = _meter(bench, relays, None).groups
+    assert groups["amqplexd"] == [11, 12]
+    assert (groups["relay"], groups["splice relay"]) == ([21], [22])
