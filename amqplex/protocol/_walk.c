@@ -450,34 +450,23 @@ header_body_size(const unsigned char *p, Py_ssize_t len)
     return pos == end ? (long long)size : -1;
 }
 
-PyDoc_STRVAR(whole_publish_doc,
-             "whole_publish(frame, header, body, uid) -> bytes | None: whole_publish.py's\n"
-             "reference_renumber where it takes the message; None for the reference.");
-
+/* The three frames on upstream channel `uid` (two octets) as one new bytes
+ * object, or None (a new reference) if they are not a publish the check
+ * vouches for; NULL with an error set only if memory ran out. */
 static PyObject *
-whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+renumbered(PyObject *method_frame, PyObject *header_frame, PyObject *body_frame,
+           const unsigned char *uid)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "whole_publish takes 4 arguments");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < 4; i++) {
-        if (!PyBytes_Check(args[i])) {
-            PyErr_SetString(PyExc_TypeError, "whole_publish takes bytes");
-            return NULL;
-        }
-    }
-    const unsigned char *method = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    const unsigned char *header = (const unsigned char *)PyBytes_AS_STRING(args[1]);
-    const unsigned char *body = (const unsigned char *)PyBytes_AS_STRING(args[2]);
-    const unsigned char *uid = (const unsigned char *)PyBytes_AS_STRING(args[3]);
-    Py_ssize_t method_len = PyBytes_GET_SIZE(args[0]);
-    Py_ssize_t header_len = PyBytes_GET_SIZE(args[1]);
-    Py_ssize_t body_len = PyBytes_GET_SIZE(args[2]);
+    const unsigned char *method = (const unsigned char *)PyBytes_AS_STRING(method_frame);
+    const unsigned char *header = (const unsigned char *)PyBytes_AS_STRING(header_frame);
+    const unsigned char *body = (const unsigned char *)PyBytes_AS_STRING(body_frame);
+    Py_ssize_t method_len = PyBytes_GET_SIZE(method_frame);
+    Py_ssize_t header_len = PyBytes_GET_SIZE(header_frame);
+    Py_ssize_t body_len = PyBytes_GET_SIZE(body_frame);
     /* The length checks also keep every memcpy below at 0 octets or more
      * (publish_fits and header_body_size want longer frames still). */
-    if (PyBytes_GET_SIZE(args[3]) != 2 || method_len < 3 || header_len < 3 ||
-        body_len < FRAME_OVERHEAD || !publish_fits(method, method_len))
+    if (method_len < 3 || header_len < 3 || body_len < FRAME_OVERHEAD ||
+        !publish_fits(method, method_len))
         Py_RETURN_NONE;
     long long size = header_body_size(header, header_len);
     if (size <= 0 || size != body_len - FRAME_OVERHEAD)
@@ -498,11 +487,111 @@ whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return piece;
 }
 
+PyDoc_STRVAR(whole_publish_doc,
+             "whole_publish(frame, header, body, uid) -> bytes | None: whole_publish.py's\n"
+             "reference_renumber where it takes the message; None for the reference.");
+
+static PyObject *
+whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "whole_publish takes 4 arguments");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < 4; i++) {
+        if (!PyBytes_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "whole_publish takes bytes");
+            return NULL;
+        }
+    }
+    if (PyBytes_GET_SIZE(args[3]) != 2)
+        Py_RETURN_NONE;
+    return renumbered(args[0], args[1], args[2],
+                      (const unsigned char *)PyBytes_AS_STRING(args[3]));
+}
+
+/* frames[i] as (type, channel, frame) if it is one of cut()'s tuples with an
+ * exact bytes frame of that type on that channel, else NULL (no error). */
+static PyObject *
+frame_on(PyObject *frames, Py_ssize_t i, long type, long channel)
+{
+    PyObject *item = PyList_GET_ITEM(frames, i);
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3)
+        return NULL;
+    PyObject *frame = PyTuple_GET_ITEM(item, 2);
+    if (!PyBytes_CheckExact(frame) || PyLong_AsLong(PyTuple_GET_ITEM(item, 0)) != type ||
+        PyLong_AsLong(PyTuple_GET_ITEM(item, 1)) != channel) {
+        PyErr_Clear(); /* a type or channel that is no small int is no match */
+        return NULL;
+    }
+    return frame;
+}
+
+PyDoc_STRVAR(whole_publishes_doc,
+             "whole_publishes(frames, start, channel, uid) -> (pieces, end, mandatory):\n"
+             "whole_publish over the run of publishes on `channel` that starts at\n"
+             "frames[start] (cut()'s tuples), each with its header and one body: their\n"
+             "pieces, the index after the last one taken, and whether any was mandatory.\n"
+             "It stops at the first message whole_publish would not take.");
+
+static PyObject *
+whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "whole_publishes takes 4 arguments");
+        return NULL;
+    }
+    PyObject *frames = args[0];
+    if (!PyList_Check(frames) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "whole_publishes takes a list and bytes");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    long channel = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *pieces = PyList_New(0);
+    if (pieces == NULL)
+        return NULL;
+    int mandatory = 0;
+    if (start >= 0 && PyBytes_GET_SIZE(args[3]) == 2) {
+        const unsigned char *uid = (const unsigned char *)PyBytes_AS_STRING(args[3]);
+        while (start + 2 < PyList_GET_SIZE(frames)) {
+            PyObject *method = frame_on(frames, start, FRAME_METHOD, channel);
+            PyObject *header = method ? frame_on(frames, start + 1, FRAME_HEADER, channel) : NULL;
+            PyObject *body = header ? frame_on(frames, start + 2, FRAME_BODY, channel) : NULL;
+            if (body == NULL)
+                break;
+            PyObject *piece = renumbered(method, header, body, uid);
+            if (piece == NULL) {
+                Py_DECREF(pieces);
+                return NULL;
+            }
+            if (piece == Py_None) {
+                Py_DECREF(piece);
+                break;
+            }
+            int failed = PyList_Append(pieces, piece);
+            Py_DECREF(piece);
+            if (failed) {
+                Py_DECREF(pieces);
+                return NULL;
+            }
+            /* The bits octet before the frame end: mandatory is its lowest. */
+            mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
+            start += 3;
+        }
+    }
+    return Py_BuildValue("(NnO)", pieces, start, mandatory ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"cut", (PyCFunction)(void (*)(void))cut, METH_FASTCALL, cut_doc},
     {"cut_routed", (PyCFunction)(void (*)(void))cut_routed, METH_FASTCALL, cut_routed_doc},
     {"whole_publish", (PyCFunction)(void (*)(void))whole_publish, METH_FASTCALL,
      whole_publish_doc},
+    {"whole_publishes", (PyCFunction)(void (*)(void))whole_publishes, METH_FASTCALL,
+     whole_publishes_doc},
     {NULL, NULL, 0, NULL},
 };
 

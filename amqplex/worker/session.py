@@ -393,10 +393,14 @@ class ClientSession(asyncio.Protocol):
                     frame_type == FRAME_METHOD
                     and i + 1 < count
                     and frames[i][0] == FRAME_HEADER  # else no call: acks, declares...
-                    and channel.publish_whole(frame, frames[i], frames[i + 1])
                 ):
-                    i += 2  # its content header and body went with it
-                    continue
+                    taken = channel.publish_run(frames, i - 1)
+                    if taken:
+                        i += taken - 1  # the run's content went with it
+                        continue
+                    if channel.publish_whole(frame, frames[i], frames[i + 1]):
+                        i += 2  # its content header and body went with it
+                        continue
                 channel.from_client(frame_type, frame)
             except ChannelException as error:
                 channel.close_by_proxy(error)

@@ -47,7 +47,15 @@ def mandatory(frame: bytes) -> bool:
 renumber = reference_renumber
 if framing._walk is not None:
     _compiled = framing._walk.whole_publish
+    # A client's streamed publishes: one call for a read's run of them.
+    renumber_run = framing._walk.whole_publishes
 
     def renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> bytes | None:
         piece = _compiled(frame, header, body, uid)
         return piece if piece is not None else reference_renumber(frame, header, body, uid)
+else:
+
+    def renumber_run(
+        frames: list, start: int, channel: int, uid: bytes
+    ) -> tuple[list[bytes], int, bool]:
+        return [], start, False  # one message at a time, through renumber

@@ -2,7 +2,9 @@
 the compiled check (_walk.whole_publish) against the Python reference, on
 publishes as pamqp encodes them, bent and cut, and on frames of nearly the
 right shape: the same bytes wherever the compiled one takes a message, and
-every message the reference takes but a headers table taken."""
+every message the reference takes but a headers table taken; and the
+compiled run of them (_walk.whole_publishes) against the same check made
+message by message."""
 
 from __future__ import annotations
 
@@ -176,3 +178,70 @@ def test_whole_publish_leaves_a_headers_table_to_the_reference():
     content_body = frame.marshal(body.ContentBody(b"x"), 1)
     assert framing._walk.whole_publish(method, content_header, content_body, b"\x00\x01") is None
     assert whole_publish.renumber(method, content_header, content_body, b"\x00\x01") is not None
+
+
+def runs_reference(
+    frames: list, start: int, channel: int, uid: bytes
+) -> tuple[list[bytes], int, bool]:
+    """_walk.whole_publishes in Python: the run of publishes on `channel`
+    from frames[start], each with its header and one body frame, as far as
+    the compiled check takes them one by one."""
+    pieces = []
+    while start + 2 < len(frames):
+        parts = frames[start : start + 3]
+        if [(kind, on) for kind, on, _ in parts] != [(1, channel), (2, channel), (3, channel)]:
+            break
+        method, header, body = (frame for _, _, frame in parts)
+        if not all(type(frame) is bytes for frame in (method, header, body)):
+            break
+        piece = framing._walk.whole_publish(method, header, body, uid)
+        if piece is None:
+            break
+        pieces.append(piece)
+        start += 3
+    methods = frames[start - 3 * len(pieces) : start : 3]
+    return pieces, start, any(whole_publish.mandatory(frame) for _, _, frame in methods)
+
+
+def _as_cut(raw: bytes) -> tuple:
+    """A frame as cut() hands it on: (type, channel, frame)."""
+    return (raw[0], raw[1] << 8 | raw[2], raw) if len(raw) >= 3 else (raw[:1] or 0, 0, raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(whole_publishes(), max_size=6),
+    st.lists(st.integers(0, 17), max_size=3),
+    st.integers(1, 3),
+    st.binary(min_size=2, max_size=2),
+)
+def test_a_run_of_publishes_is_taken_as_the_check_takes_them_one_by_one(
+    messages, cuts, channel, uid
+):
+    """Runs of publishes (mixed channels, bent ones, frames missing where
+    `cuts` says): the same pieces, the same stopping place, the same
+    mandatory flag as the one-message check, from every starting index."""
+    frames = [_as_cut(raw) for message in messages for raw in message]
+    for at in sorted(set(cuts), reverse=True):
+        del frames[at : at + 1]
+    for start in range(len(frames) + 1):
+        assert framing._walk.whole_publishes(frames, start, channel, uid) == runs_reference(
+            frames, start, channel, uid
+        )
+
+
+def test_a_run_stops_at_a_large_body_left_as_a_view_and_at_another_channel():
+    def publish(channel: int) -> list[tuple]:
+        raws = [
+            frame.marshal(commands.Basic.Publish(routing_key="q"), channel),
+            frame.marshal(header.ContentHeader(0, 3, commands.Basic.Properties()), channel),
+            frame.marshal(body.ContentBody(b"abc"), channel),
+        ]
+        return [_as_cut(raw) for raw in raws]
+
+    viewed = publish(1)
+    viewed[2] = (3, 1, memoryview(viewed[2][2]))
+    frames = publish(1) + publish(1) + viewed + publish(1)
+    pieces, end, mandatory = framing._walk.whole_publishes(frames, 0, 1, b"\x00\x07")
+    assert (len(pieces), end, mandatory) == (2, 6, False)
+    assert framing._walk.whole_publishes(publish(1) + publish(2), 0, 1, b"\x00\x07")[1] == 3
