@@ -208,7 +208,7 @@ def _as_cut(raw: bytes) -> tuple:
     return (raw[0], raw[1] << 8 | raw[2], raw) if len(raw) >= 3 else (raw[:1] or 0, 0, raw)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(whole_publishes(), max_size=6),
     st.lists(st.integers(0, 17), max_size=3),
