@@ -510,6 +510,21 @@ whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                       (const unsigned char *)PyBytes_AS_STRING(args[3]));
 }
 
+/* Whether `value` is the exact int `wanted`: converting nothing else runs no
+ * Python code while the caller holds borrowed items of the frame list. */
+static int
+is_int(PyObject *value, long wanted)
+{
+    if (!PyLong_CheckExact(value))
+        return 0;
+    long got = PyLong_AsLong(value);
+    if (got == -1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* too large for a long: no type or channel */
+        return 0;
+    }
+    return got == wanted;
+}
+
 /* frames[i] as (type, channel, frame) if it is one of cut()'s tuples with an
  * exact bytes frame of that type on that channel, else NULL (no error). */
 static PyObject *
@@ -519,11 +534,9 @@ frame_on(PyObject *frames, Py_ssize_t i, long type, long channel)
     if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3)
         return NULL;
     PyObject *frame = PyTuple_GET_ITEM(item, 2);
-    if (!PyBytes_CheckExact(frame) || PyLong_AsLong(PyTuple_GET_ITEM(item, 0)) != type ||
-        PyLong_AsLong(PyTuple_GET_ITEM(item, 1)) != channel) {
-        PyErr_Clear(); /* a type or channel that is no small int is no match */
+    if (!PyBytes_CheckExact(frame) || !is_int(PyTuple_GET_ITEM(item, 0), type) ||
+        !is_int(PyTuple_GET_ITEM(item, 1), channel))
         return NULL;
-    }
     return frame;
 }
 
@@ -547,8 +560,10 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
     long channel = PyLong_AsLong(args[2]);
-    if (PyErr_Occurred())
+    if (channel == -1 && PyErr_Occurred())
         return NULL;
     PyObject *pieces = PyList_New(0);
     if (pieces == NULL)
@@ -556,7 +571,7 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int mandatory = 0;
     if (start >= 0 && PyBytes_GET_SIZE(args[3]) == 2) {
         const unsigned char *uid = (const unsigned char *)PyBytes_AS_STRING(args[3]);
-        while (start + 2 < PyList_GET_SIZE(frames)) {
+        while (start < PyList_GET_SIZE(frames) - 2) { /* no start + 2: it may overflow */
             PyObject *method = frame_on(frames, start, FRAME_METHOD, channel);
             PyObject *header = method ? frame_on(frames, start + 1, FRAME_HEADER, channel) : NULL;
             PyObject *body = header ? frame_on(frames, start + 2, FRAME_BODY, channel) : NULL;

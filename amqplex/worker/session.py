@@ -394,12 +394,9 @@ class ClientSession(asyncio.Protocol):
                     and i + 1 < count
                     and frames[i][0] == FRAME_HEADER  # else no call: acks, declares...
                 ):
-                    taken = channel.publish_run(frames, i - 1)
+                    taken = channel.publish_whole(frames, i - 1)
                     if taken:
-                        i += taken - 1  # the run's content went with it
-                        continue
-                    if channel.publish_whole(frame, frames[i], frames[i + 1]):
-                        i += 2  # its content header and body went with it
+                        i += taken - 1  # their content headers and bodies went too
                         continue
                 channel.from_client(frame_type, frame)
             except ChannelException as error:

@@ -2,12 +2,13 @@
 checked in the order the frame-by-frame path checks them and renumbered
 onto the upstream channel as one piece.
 
-`renumber` in Python is the reference; where setup.py built _walk.c, its
-compiled `whole_publish` takes the messages it can vouch for (a method,
-a property list without a headers table, one body frame that matches the
-announced size) and hands everything else to the reference, which raises
-what the broker would for a bad one: the error texts live in one place.
-tests/worker/test_whole_publish.py checks the two against each other.
+`reference_renumber` in Python is the reference; where setup.py built
+_walk.c, its compiled `whole_publishes` takes a read's run of the messages
+it can vouch for (a method, a property list without a headers table, one
+body frame that matches the announced size) and stops at the first other
+one, which is the reference's: it raises what the broker would for a bad
+one, so the error texts live in one place. tests/worker/test_whole_publish.py
+checks the two against each other.
 """
 
 from __future__ import annotations
@@ -44,18 +45,12 @@ def mandatory(frame: bytes) -> bool:
     return bool(frame[-2] & 0b01)
 
 
-renumber = reference_renumber
 if framing._walk is not None:
-    _compiled = framing._walk.whole_publish
     # A client's streamed publishes: one call for a read's run of them.
     renumber_run = framing._walk.whole_publishes
-
-    def renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> bytes | None:
-        piece = _compiled(frame, header, body, uid)
-        return piece if piece is not None else reference_renumber(frame, header, body, uid)
 else:
 
     def renumber_run(
         frames: list, start: int, channel: int, uid: bytes
     ) -> tuple[list[bytes], int, bool]:
-        return [], start, False  # one message at a time, through renumber
+        return [], start, False  # each message by the reference

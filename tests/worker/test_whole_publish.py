@@ -177,7 +177,10 @@ def test_whole_publish_leaves_a_headers_table_to_the_reference():
     content_header = frame.marshal(header.ContentHeader(0, 1, properties), 1)
     content_body = frame.marshal(body.ContentBody(b"x"), 1)
     assert framing._walk.whole_publish(method, content_header, content_body, b"\x00\x01") is None
-    assert whole_publish.renumber(method, content_header, content_body, b"\x00\x01") is not None
+    assert (
+        whole_publish.reference_renumber(method, content_header, content_body, b"\x00\x01")
+        is not None
+    )
 
 
 def runs_reference(
