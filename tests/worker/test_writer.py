@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import struct
+import threading
 import uuid
 
 import pika
@@ -216,13 +217,15 @@ def test_streaming_publishers_on_one_upstream_reach_the_broker_in_turns(
         channel = admin.channel()
         for queue in queues:
             channel.queue_declare(queue, arguments={"x-expires": 60_000})
-        clients = [RawClient(daemon.port) for _ in queues]
+        clients = [RawClient(daemon.port, timeout=60) for _ in queues]
         try:
             for client in clients:
                 client.handshake(user.name, user.password)
                 client.open_channel(1)
+            streams = [_messages(queue, count) for queue in queues]
+            start = threading.Barrier(len(clients))
             with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
-                list(pool.map(_stream, clients, queues, [count] * len(clients)))
+                list(pool.map(_stream, clients, queues, streams, [start] * len(clients)))
             # The round trip that ends a stream is answered once the channel
             # has the publishes, and their queue may count them a little
             # later (one run saw 19,894 of 20,000 at once).
@@ -268,17 +271,24 @@ def _counts(channel, queues: list[str]) -> list[int]:  # noqa: ANN001 - a pika c
     return [channel.queue_declare(q, passive=True).method.message_count for q in queues]
 
 
-def _stream(client: RawClient, queue: str, count: int) -> None:
-    """`count` numbered 64 B messages in 64 KB sends, then a round trip on
-    the same channel, which the broker answers after them."""
+def _messages(queue: str, count: int) -> bytes:
+    """`count` numbered 64 B messages."""
     publish = pamqp_frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue), 1)
     content = pamqp_frame.marshal(header.ContentHeader(0, 64, commands.Basic.Properties()), 1)
-    batch: list[bytes] = []
-    for number in range(count):
-        batch.append(publish + content + body_frame(1, struct.pack(">I", number) + bytes(60)))
-        if len(batch) * len(batch[0]) >= 1 << 16:
-            client.send(b"".join(batch))
-            batch = []
-    client.send(b"".join(batch))
+    return b"".join(
+        publish + content + body_frame(1, struct.pack(">I", number) + bytes(60))
+        for number in range(count)
+    )
+
+
+def _stream(client: RawClient, queue: str, messages: bytes, start: threading.Barrier) -> None:
+    """`messages` in one send once both streams are ready, then a round trip
+    on the same channel, which the broker answers after them. One send built
+    beforehand keeps the client's socket full for as long as the stream
+    lasts: a thread building its next batch would hold the test process's
+    GIL while the other waits, and the proxy would read one client alone for
+    a while (a loaded CI host once saw runs of 8,550 messages)."""
+    start.wait(timeout=30)
+    client.send(messages)
     client.method(1, commands.Queue.Declare(queue=queue, passive=True))
     client.expect(commands.Queue.DeclareOk, timeout=60)
