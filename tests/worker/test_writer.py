@@ -222,7 +222,7 @@ def test_streaming_publishers_on_one_upstream_reach_the_broker_in_turns(
             for client in clients:
                 client.handshake(user.name, user.password)
                 client.open_channel(1)
-            streams = [_messages(queue, count) for queue in queues]
+            streams = [_numbered_publishes(queue, count) for queue in queues]
             start = threading.Barrier(len(clients))
             with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
                 list(pool.map(_stream, clients, queues, streams, [start] * len(clients)))
@@ -271,7 +271,7 @@ def _counts(channel, queues: list[str]) -> list[int]:  # noqa: ANN001 - a pika c
     return [channel.queue_declare(q, passive=True).method.message_count for q in queues]
 
 
-def _messages(queue: str, count: int) -> bytes:
+def _numbered_publishes(queue: str, count: int) -> bytes:
     """`count` numbered 64 B messages."""
     publish = pamqp_frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue), 1)
     content = pamqp_frame.marshal(header.ContentHeader(0, 64, commands.Basic.Properties()), 1)
