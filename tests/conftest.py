@@ -36,12 +36,17 @@ def fresh_amqplexd():
         daemon.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def broker_users():
+    """The users the suite made (broker.new_user) go when it ends."""
+    yield
+    broker.delete_users()
+
+
 @pytest.fixture
 def user():
     """A broker user of the test's own: its pools on a shared daemon are its own."""
-    created = broker.BrokerUser()
-    yield created
-    created.delete()
+    return broker.new_user()
 
 
 @pytest.fixture

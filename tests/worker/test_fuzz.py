@@ -67,9 +67,7 @@ def frames(draw) -> bytes:
 
 @pytest.fixture(scope="module")
 def shared(amqplexd):
-    user = broker.BrokerUser()
-    yield user
-    user.delete()
+    return broker.new_user()
 
 
 @pytest.fixture(scope="module")

@@ -283,17 +283,14 @@ def shared(amqplexd):
     """One user, one canary and so one upstream for the whole table: every
     misbehaving client joins the canary's upstream (a user per case would
     cost seconds of rabbitmqctl each)."""
-    user = broker.BrokerUser()
+    user = broker.new_user()
+    canary = Canary(amqplexd.port, user)
     try:
-        canary = Canary(amqplexd.port, user)
-        try:
-            names = upstream_names(user)
-            assert len(names) == 1, names
-            yield SharedUpstream(user, canary, names)
-        finally:
-            canary.stop()
+        names = upstream_names(user)
+        assert len(names) == 1, names
+        yield SharedUpstream(user, canary, names)
     finally:
-        user.delete()
+        canary.stop()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
@@ -322,6 +319,40 @@ def test_body_longer_than_its_header_says_is_a_frame_error_kept_from_the_upstrea
         close = client.expect_connection_close(ANSWER_TIMEOUT)
     assert close.reply_code == 501
     assert close.reply_text.startswith("FRAME_ERROR - ")
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+@pytest.mark.parametrize("port", ["direct", "proxied"])
+def test_whole_publishes_before_a_bad_one_in_the_same_read_all_arrive(
+    port, amqplexd, shared, queue_name
+):
+    """A streaming client's read goes upstream a run at a time
+    (ClientChannel.publish_whole): the messages before a bad one in the same
+    read reach their queue, as they do sent straight to the broker, and the
+    bad one gets the broker's answer."""
+    good = 50
+    stream = b"".join(
+        publish(1, queue_name) + content_header(1, 4) + body_frame(1, b"%04d" % n)
+        for n in range(good)
+    )
+    bad = publish(1, queue_name) + content_header(1, 3, 61) + body_frame(1, b"bad")
+    with connect(broker.BROKER_PORT if port == "direct" else amqplexd.port, shared.user) as client:
+        client.method(1, commands.Queue.Declare(queue=queue_name))
+        client.expect(commands.Queue.DeclareOk)
+        client.send(stream + bad)
+        close = client.expect_connection_close(ANSWER_TIMEOUT)
+        client.method(0, commands.Connection.CloseOk())
+    assert (close.reply_code, close.class_id, close.method_id) == (505, 60, 40)
+    connection = pika.BlockingConnection(broker_params())
+    try:
+        channel = connection.channel()
+        bodies = []
+        while (got := channel.basic_get(queue_name, auto_ack=True))[0] is not None:
+            bodies.append(got[2])
+        assert bodies == [b"%04d" % n for n in range(good)]
+    finally:
+        connection.close()
     shared.canary.wait_round_trips(5)
     assert upstream_names(shared.user) == shared.names
 

@@ -612,48 +612,45 @@ def test_vhost_not_granted_is_refused_530_as_the_broker_refuses_it(amqplexd, use
 
 def test_refusals_leave_no_upstream_behind(fresh_amqplexd, user, forbidden_vhost):
     daemon = fresh_amqplexd()
-    stranger = broker.BrokerUser()
+    stranger = broker.new_user()
+    good = pika.BlockingConnection(proxy_params(daemon.port, user))
     try:
-        good = pika.BlockingConnection(proxy_params(daemon.port, user))
-        try:
-            baseline_fds = open_fds(daemon)
-            attempts = [(user.name, f"wrong-{i}", "/", 403) for i in range(50)]
-            attempts += [(stranger.name, f"wrong-{i}", "/", 403) for i in range(50)]
-            attempts += [(user.name, user.password, forbidden_vhost, 530)] * 50
+        baseline_fds = open_fds(daemon)
+        attempts = [(user.name, f"wrong-{i}", "/", 403) for i in range(50)]
+        attempts += [(stranger.name, f"wrong-{i}", "/", 403) for i in range(50)]
+        attempts += [(user.name, user.password, forbidden_vhost, 530)] * 50
 
-            def refused(attempt) -> tuple[int, int]:
-                name, password, vhost, expected = attempt
-                return proxy_refusal(daemon.port, name, password, vhost).reply_code, expected
+        def refused(attempt) -> tuple[int, int]:
+            name, password, vhost, expected = attempt
+            return proxy_refusal(daemon.port, name, password, vhost).reply_code, expected
 
-            # Eight at a time: refusals of one triple also overlap its dial.
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                for code, expected in pool.map(refused, attempts, timeout=60):
-                    assert code == expected
-            # No socket of a refused client or a refused upstream stays open...
-            wait_until(
-                lambda: open_fds(daemon) <= baseline_fds,
-                what=f"daemon back to {baseline_fds} open files",
-            )
-            # ...and the broker sees only the one good upstream.
-            names = [f"'amqplex pid {pid}'" for pid in daemon_pids(daemon)]
-            daemon_rows = [
-                row
-                for row in broker.connections()
-                if any(name in str(row["client_properties"]) for name in names)
-            ]
-            assert [(row["user"], row["vhost"]) for row in daemon_rows] == [(user.name, "/")]
-            assert broker.proxy_connections(stranger.name) == []
-            assert upstreams_opened(daemon, user.name) == 1
-            assert upstreams_opened(daemon, stranger.name) == 0
-            assert good.channel().is_open
-        finally:
-            good.close()
-        # A refusal is not remembered either: the right password works at once.
-        connection = pika.BlockingConnection(proxy_params(daemon.port, stranger))
-        assert connection.channel().is_open
-        connection.close()
+        # Eight at a time: refusals of one triple also overlap its dial.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for code, expected in pool.map(refused, attempts, timeout=60):
+                assert code == expected
+        # No socket of a refused client or a refused upstream stays open...
+        wait_until(
+            lambda: open_fds(daemon) <= baseline_fds,
+            what=f"daemon back to {baseline_fds} open files",
+        )
+        # ...and the broker sees only the one good upstream.
+        names = [f"'amqplex pid {pid}'" for pid in daemon_pids(daemon)]
+        daemon_rows = [
+            row
+            for row in broker.connections()
+            if any(name in str(row["client_properties"]) for name in names)
+        ]
+        assert [(row["user"], row["vhost"]) for row in daemon_rows] == [(user.name, "/")]
+        assert broker.proxy_connections(stranger.name) == []
+        assert upstreams_opened(daemon, user.name) == 1
+        assert upstreams_opened(daemon, stranger.name) == 0
+        assert good.channel().is_open
     finally:
-        stranger.delete()
+        good.close()
+    # A refusal is not remembered either: the right password works at once.
+    connection = pika.BlockingConnection(proxy_params(daemon.port, stranger))
+    assert connection.channel().is_open
+    connection.close()
 
 
 def test_pika_sees_a_wrong_password_as_against_the_broker(amqplexd, user):
