@@ -83,7 +83,7 @@ def whole_publishes(draw) -> tuple[bytes, bytes, bytes]:
     return tuple(parts)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(whole_publishes(), st.binary(min_size=2, max_size=2))
 def test_whole_publish_gives_what_the_reference_gives_and_takes_all_it_can(frames, uid):
     """Bytes only where the reference gives the same bytes; None, leaving
@@ -143,7 +143,7 @@ def near_publishes(draw) -> tuple[bytes, bytes, bytes]:
     return _PUBLISH_START + arguments, content_header, content_body
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(near_publishes())
 def test_whole_publish_of_nearly_right_frames_gives_what_the_reference_gives(frames):
     method, content_header, content_body = frames
