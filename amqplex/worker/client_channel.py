@@ -198,7 +198,7 @@ class ClientChannel:
         body frame follow each, checked in the order from_client checks them
         one by one and sent upstream one piece a message, for about a fifth
         less CPU a message than frame by frame (whole_publish.py): how many
-        frames went. None, having changed nothing, for anything else: those
+        frames went. 0, having changed nothing, for anything else: those
         frames then go through from_client. A streaming client's read holds
         hundreds, checked and renumbered in one compiled call; the first one
         that call refuses, if whole, is the reference's to take or refuse.

@@ -18,11 +18,12 @@ import uuid
 import pika
 import pika.exceptions
 import pytest
-from pamqp import commands
+from pamqp import commands, header
+from pamqp import frame as pamqp_frame
 
 from tests.conftest import broker_params, proxy_params
 from tests.support import broker
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, body_frame
 from tests.support.relay import DOWN, UP, Relay, RelayConnection
 from tests.support.waiting import wait_until
 
@@ -496,6 +497,38 @@ def test_a_channel_with_state_is_closed_at_the_broker(fresh_amqplexd, relay, use
         client.expect(commands.Channel.CloseOk)
         # The broker's own CloseOk: a full round trip through the delay.
         assert time.monotonic() - started >= 0.4
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [commands.Basic.Properties(), commands.Basic.Properties(headers={"k": "v"})],
+    ids=["compiled-run", "headers-table-by-the-reference"],
+)
+def test_a_whole_mandatory_publish_makes_its_channel_closed_at_the_broker(
+    fresh_amqplexd, relay, user, queue_name, properties
+):
+    """Its Basic.Return may still come (to this channel, and so to no other
+    client): the channel is stateful, whichever whole-publish path took it."""
+    daemon = fresh_amqplexd(upstream=relay.url)
+    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    wait_pool_warm(relay)
+    relay.delay(0.2)
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        publish = commands.Basic.Publish(routing_key=queue_name, mandatory=True)
+        client.send(
+            pamqp_frame.marshal(publish, 1)
+            + pamqp_frame.marshal(header.ContentHeader(0, 1, properties), 1)
+            + body_frame(1, b"m")
+        )
+        started = time.monotonic()
+        client.method(1, commands.Channel.Close(**close_method()))
+        client.expect(commands.Channel.CloseOk)
+        assert time.monotonic() - started >= 0.4, "answered at once, as if stateless"
+    assert ready_count(queue_name) == 1
 
 
 @pytest.mark.parametrize("leave", ["channel-close", "connection-close", "vanish"])
