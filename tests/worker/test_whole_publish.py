@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import body, commands, frame, header
@@ -248,3 +249,37 @@ def test_a_run_stops_at_a_large_body_left_as_a_view_and_at_another_channel():
     pieces, end, mandatory = framing._walk.whole_publishes(frames, 0, 1, b"\x00\x07")
     assert (len(pieces), end, mandatory) == (2, 6, False)
     assert framing._walk.whole_publishes(publish(1) + publish(2), 0, 1, b"\x00\x07")[1] == 3
+
+
+def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
+    """Whatever the list holds or the arguments say, the compiled run takes
+    no message it cannot vouch for, raises for no frame, and leaves no error
+    set: a start outside the list, a uid not two octets, items that are not
+    cut()'s (type, channel, bytes) triples, ints that only look like them."""
+    whole = [
+        _as_cut(frame.marshal(commands.Basic.Publish(routing_key="q"), 1)),
+        _as_cut(frame.marshal(header.ContentHeader(0, 3, commands.Basic.Properties()), 1)),
+        _as_cut(frame.marshal(body.ContentBody(b"abc"), 1)),
+    ]
+    run = framing._walk.whole_publishes
+    assert run(whole, 0, 1, b"\x00\x07")[1] == 3  # the control: it is whole
+    for frames, start, uid in (
+        (whole, -1, b"\x00\x07"),
+        (whole, 1, b"\x00\x07"),
+        (whole, 3, b"\x00\x07"),
+        (whole, 2**40, b"\x00\x07"),
+        (whole, 0, b"\x07"),
+        (whole, 0, b"\x00\x00\x07"),
+        ([list(item) for item in whole], 0, b"\x00\x07"),
+        ([(*item, None) for item in whole], 0, b"\x00\x07"),
+        ([(t, c, bytearray(f)) for t, c, f in whole], 0, b"\x00\x07"),
+        ([(bool(t), c, f) for t, c, f in whole], 0, b"\x00\x07"),  # True == 1, not an int
+        ([(t, c + 2**64, f) for t, c, f in whole], 0, b"\x00\x07"),
+        ([(t, 2**70, f) for t, _, f in whole], 0, b"\x00\x07"),
+    ):
+        assert run(frames, start, 1, uid) == ([], start, False), (frames, start, uid)
+    for arguments in ((whole, 0, 1), (tuple(whole), 0, 1, b"\x00\x07"), (whole, 0, 1, "ab")):
+        with pytest.raises(TypeError):
+            run(*arguments)
+    with pytest.raises(OverflowError):
+        run(whole, 2**70, 1, b"\x00\x07")
