@@ -139,7 +139,7 @@ def test_health_is_503_while_draining(fresh_amqplexd):
     # The client never answers the Close 320 the drain ends with: the worker
     # exits after drain_timeout and then client.close_timeout.
     daemon = fresh_amqplexd(
-        "-w", "1", env={"AMQP_DRAIN_TIMEOUT": "1", "AMQP_CLIENT_CLOSE_TIMEOUT": "1"}
+        "-w", "1", env={"AMQP_DRAIN_TIMEOUT": "2", "AMQP_CLIENT_CLOSE_TIMEOUT": "1"}
     )
     connection = pika.BlockingConnection(proxy_params(daemon.port))
     connection.channel()

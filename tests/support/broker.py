@@ -82,6 +82,7 @@ def new_user() -> BrokerUser:
     """A fresh user with every permission on "/", never handed out before."""
     if not _ready:
         batch = [BrokerUser(f"t-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex) for _ in range(_BATCH)]
+        _made.extend(batch)  # first: a batch that fails halfway is deleted too
         _eval(
             f'ok = rabbit_auth_backend_internal:add_user(<<"{u.name}">>, '
             f'<<"{u.password}">>, {_ACTOR}), '
@@ -89,15 +90,18 @@ def new_user() -> BrokerUser:
             f'<<".*">>, <<".*">>, <<".*">>, {_ACTOR})'
             for u in batch
         )
-        _made.extend(batch)
         _ready.extend(batch)
     return _ready.pop()
 
 
 def delete_users() -> None:
-    """Every user new_user() made, used or not."""
+    """Every user new_user() made, used or not (one that is gone already, or
+    was never made, does not stop the others)."""
     if _made:
-        _eval(f'rabbit_auth_backend_internal:delete_user(<<"{u.name}">>, {_ACTOR})' for u in _made)
+        _eval(
+            f'catch rabbit_auth_backend_internal:delete_user(<<"{u.name}">>, {_ACTOR})'
+            for u in _made
+        )
         _made.clear()
         _ready.clear()
 

@@ -27,6 +27,7 @@ from tests.conftest import Canary, broker_params
 from tests.support import broker
 from tests.support.rawclient import RawClient, body_frame
 from tests.support.relay import UP
+from tests.support.waiting import wait_until
 
 ANSWER_TIMEOUT = 5
 
@@ -347,6 +348,12 @@ def test_whole_publishes_before_a_bad_one_in_the_same_read_all_arrive(
     connection = pika.BlockingConnection(broker_params())
     try:
         channel = connection.channel()
+        # Through the proxy, the Close may reach the client before the broker
+        # has queued the publishes written upstream with it.
+        wait_until(
+            lambda: channel.queue_declare(queue_name, passive=True).method.message_count >= good,
+            what=f"{good} messages in the queue",
+        )
         bodies = []
         while (got := channel.basic_get(queue_name, auto_ack=True))[0] is not None:
             bodies.append(got[2])

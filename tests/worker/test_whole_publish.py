@@ -273,7 +273,7 @@ def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
         ([list(item) for item in whole], 0, b"\x00\x07"),
         ([(*item, None) for item in whole], 0, b"\x00\x07"),
         ([(t, c, bytearray(f)) for t, c, f in whole], 0, b"\x00\x07"),
-        ([(bool(t), c, f) for t, c, f in whole], 0, b"\x00\x07"),  # True == 1, not an int
+        ([(t, bool(c), f) for t, c, f in whole], 0, b"\x00\x07"),  # True == 1, not an int
         ([(t, c + 2**64, f) for t, c, f in whole], 0, b"\x00\x07"),
         ([(t, 2**70, f) for t, _, f in whole], 0, b"\x00\x07"),
     ):
