@@ -10,6 +10,7 @@ import pika
 import pytest
 
 from tests.support import broker
+from tests.support.certs import Certificates
 from tests.support.daemon import Amqplexd
 
 
@@ -41,6 +42,11 @@ def broker_users():
     """The users the suite made (broker.new_user) go when it ends."""
     yield
     broker.delete_users()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certificates:
+    return Certificates(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

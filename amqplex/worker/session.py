@@ -55,8 +55,9 @@ _CLOSE_OK = methods.encode(0, commands.Connection.CloseOk())
 # 32 times in one go, before any other client. It waits for the next loop
 # turn instead, so that streaming clients' messages reach a shared upstream
 # in the same turns and go out interleaved (writer.py). (asyncio's own loop
-# reads a socket once a turn anyway; a TLS client's reads are decrypted
-# records, mostly smaller, so it seldom yields.)
+# reads a socket once a turn anyway. Over TLS a read is what uvloop's SSL
+# protocol decrypted since it last called: a streaming TLS client's reach
+# this size too, and its turns depend on the yield as a plain client's do.)
 STREAMING_READ = 256_000
 # SO_LINGER on, zero seconds: close() sends RST and discards unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)

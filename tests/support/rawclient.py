@@ -5,6 +5,7 @@ and for reading exactly what comes back."""
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 
@@ -16,8 +17,17 @@ from amqplex.protocol.framing import FrameReader
 
 
 class RawClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 10,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Plain TCP, or TLS with `context` (verifying the name localhost)."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if context is not None:
+            self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
         self.reader = FrameReader(1 << 24)
         self.frames: list = []
         self.tune: commands.Connection.Tune | None = None

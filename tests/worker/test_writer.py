@@ -12,6 +12,7 @@ import threading
 import uuid
 
 import pika
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pamqp import commands, header
@@ -21,6 +22,7 @@ from amqplex.protocol.constants import FRAME_BODY
 from amqplex.worker import writer
 from amqplex.worker.writer import TURN, BatchedWriter, interleaved
 from tests.conftest import broker_params
+from tests.support.certs import listener_env
 from tests.support.rawclient import RawClient, body_frame
 from tests.support.relay import UP
 from tests.support.waiting import wait_until
@@ -204,20 +206,28 @@ def test_a_small_flush_is_written_as_it_came(monkeypatch):
         loop.close()
 
 
+@pytest.mark.parametrize("transport", ["plain", "tls"])
 def test_streaming_publishers_on_one_upstream_reach_the_broker_in_turns(
-    fresh_amqplexd, relay, user
+    fresh_amqplexd, relay, user, request, transport
 ):
     """Two clients streaming publishes through one worker: at the broker their
     channels alternate in short runs (a long run of one holds RabbitMQ's
-    reader back for both), each channel's messages complete and in order."""
-    daemon = fresh_amqplexd(upstream=relay.url)
+    reader back for both), each channel's messages complete and in order.
+    Over TLS too, where each read the session gets is a socket read's
+    decrypted records (uvloop's SSL protocol), never quite STREAMING_READ."""
+    context = None
+    env = {}
+    if transport == "tls":
+        certs = request.getfixturevalue("certs")
+        context, env = certs.client_context(), listener_env(certs)
+    daemon = fresh_amqplexd(upstream=relay.url, env=env)
     count = 20_000
     queues = [f"amqplex-test.turns.{uuid.uuid4().hex[:8]}" for _ in range(2)]
     with pika.BlockingConnection(broker_params()) as admin:
         channel = admin.channel()
         for queue in queues:
             channel.queue_declare(queue, arguments={"x-expires": 60_000})
-        clients = [RawClient(daemon.port, timeout=60) for _ in queues]
+        clients = [RawClient(daemon.port, timeout=60, context=context) for _ in queues]
         try:
             for client in clients:
                 client.handshake(user.name, user.password)
