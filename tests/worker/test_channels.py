@@ -415,7 +415,8 @@ def test_channel_open_is_answered_from_a_pre_opened_channel(fresh_amqplexd, rela
         started = time.monotonic()
         raw.open_channel(1)
         elapsed = time.monotonic() - started
-        assert elapsed < 0.1, f"Channel.Open took {elapsed:.3f}s: it waited for the broker"
+        # Under the 400 ms a broker round trip takes, with room for a loaded host.
+        assert elapsed < 0.3, f"Channel.Open took {elapsed:.3f}s: it waited for the broker"
 
         # The upstream channel that carries it was opened, and acknowledged by
         # the broker, before the client asked.
@@ -448,7 +449,7 @@ def test_a_channel_its_client_left_clean_is_closed_at_once_and_reused(
         started = time.monotonic()
         a.method(1, commands.Channel.Close(**close_method()))
         a.expect(commands.Channel.CloseOk)
-        assert time.monotonic() - started < 0.1, "the close waited for the broker"
+        assert time.monotonic() - started < 0.3, "the close waited for the broker"  # vs 0.4
     ((conn, first),) = wait_until(
         lambda: upstream_frames(relay, publish_to(queue_name)), what="A's publish upstream"
     )
