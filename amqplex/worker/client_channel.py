@@ -216,7 +216,7 @@ class ClientChannel:
             return 0
         pieces, end, mandatory = whole_publish.renumber_run(frames, start, self.cid, slot.uid_bytes)
         if not pieces:
-            piece = self._whole_by_reference(frames[start : start + 3], slot.uid_bytes)
+            piece = self._whole_by_reference(frames, start, slot.uid_bytes)
             if piece is None:
                 return 0
             pieces, end, mandatory = [piece], start + 3, whole_publish.mandatory(frames[start][2])
@@ -229,15 +229,14 @@ class ClientChannel:
             upstream.stall(self.session)
         return end - start
 
-    def _whole_by_reference(self, frames: list, uid: bytes) -> bytes | None:
-        """The one publish, header and body in `frames` as one piece, by
-        whole_publish's reference (which raises what the broker would for a
-        bad one); None if they are not one whole message on this channel."""
-        if len(frames) < 3:
-            return None
-        (_, _, frame), (header_type, header_channel, header), (body_type, body_channel, body) = (
-            frames
-        )
+    def _whole_by_reference(self, frames: list, start: int, uid: bytes) -> bytes | None:
+        """frames[start] and the two after it (the session calls with both
+        there) as one piece, by whole_publish's reference (which raises what
+        the broker would for a bad one); None if they are not one whole
+        message on this channel."""
+        frame = frames[start][2]
+        header_type, header_channel, header = frames[start + 1]
+        body_type, body_channel, body = frames[start + 2]
         if (
             header_type != FRAME_HEADER
             or body_type != FRAME_BODY

@@ -64,7 +64,6 @@ class BrokerUser:
     def __init__(self, name: str, password: str) -> None:
         self.name = name
         self.password = password
-        self.vhost = "/"
 
 
 # Users are made a batch at a time and deleted all at once when the suite

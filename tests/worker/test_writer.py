@@ -213,8 +213,9 @@ def test_streaming_publishers_on_one_upstream_reach_the_broker_in_turns(
     """Two clients streaming publishes through one worker: at the broker their
     channels alternate in short runs (a long run of one holds RabbitMQ's
     reader back for both), each channel's messages complete and in order.
-    Over TLS too, where each read the session gets is a socket read's
-    decrypted records (uvloop's SSL protocol), never quite STREAMING_READ."""
+    Over TLS too, where each read the session gets is what uvloop's SSL
+    protocol decrypted since its last call, and streaming reads reach
+    STREAMING_READ as plain ones do."""
     context = None
     env = {}
     if transport == "tls":
