@@ -386,6 +386,12 @@ fail:
 #define PUBLISH_ARGS (FRAME_HEADER_SIZE + 4 + 2) /* after the method index and ticket */
 #define CONTENT_HEADER_SIZE (FRAME_HEADER_SIZE + 14) /* class, weight, body size, flags */
 #define HEADERS_TABLE 0x2000
+/* quiet.py's CHECKED_PROPERTIES: headers, reply_to, expiration, user_id. */
+#define CHECKED_PROPERTIES 0x2310
+#define CONTENT_TYPE 0x8000
+#define CONTENT_ENCODING 0x4000
+#define DELIVERY_MODE 0x1000
+#define RESERVED_KEYS "amq.rabbitmq."
 
 /* Basic's property flags in wire order and the octets each takes: 0 for a
  * short string (its length octet says), -1 for the headers table (left to
@@ -540,11 +546,39 @@ frame_on(PyObject *frames, Py_ssize_t i, long type, long channel)
     return frame;
 }
 
+/* quiet.py's quiet_method and quiet_header, for a publish and header that
+ * renumbered() took (header_body_size walked the property list, so
+ * delivery_mode's octet is inside the frame). */
+static int
+quiet(const unsigned char *method, const unsigned char *header)
+{
+    if (method[PUBLISH_ARGS] != 0) /* not the default exchange */
+        return 0;
+    const size_t reserved = sizeof RESERVED_KEYS - 1;
+    const unsigned char *key = method + PUBLISH_ARGS + 2;
+    if (key[-1] >= reserved && memcmp(key, RESERVED_KEYS, reserved) == 0)
+        return 0;
+    unsigned int flags = header[CONTENT_HEADER_SIZE - 2] << 8 | header[CONTENT_HEADER_SIZE - 1];
+    if (flags & CHECKED_PROPERTIES)
+        return 0;
+    if (!(flags & DELIVERY_MODE))
+        return 1;
+    /* content_type and content_encoding come first (no headers table here) */
+    Py_ssize_t pos = CONTENT_HEADER_SIZE;
+    if (flags & CONTENT_TYPE)
+        pos += 1 + header[pos];
+    if (flags & CONTENT_ENCODING)
+        pos += 1 + header[pos];
+    return header[pos] == 1 || header[pos] == 2;
+}
+
 PyDoc_STRVAR(whole_publishes_doc,
-             "whole_publishes(frames, start, channel, uid) -> (pieces, end, mandatory):\n"
+             "whole_publishes(frames, start, channel, uid)\n"
+             "-> (pieces, end, mandatory, unsettled, largest):\n"
              "whole_publish over the run of publishes on `channel` that starts at\n"
              "frames[start] (cut()'s tuples), each with its header and one body: their\n"
-             "pieces, the index after the last one taken, and whether any was mandatory.\n"
+             "pieces, the index after the last one taken, whether any was mandatory,\n"
+             "whether any was not quiet (quiet.py), and the largest body (-1 for none).\n"
              "It stops at the first message whole_publish would not take.");
 
 static PyObject *
@@ -568,7 +602,8 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *pieces = PyList_New(0);
     if (pieces == NULL)
         return NULL;
-    int mandatory = 0;
+    int mandatory = 0, unsettled = 0;
+    Py_ssize_t largest = -1;
     if (start >= 0 && PyBytes_GET_SIZE(args[3]) == 2) {
         const unsigned char *uid = (const unsigned char *)PyBytes_AS_STRING(args[3]);
         while (start < PyList_GET_SIZE(frames) - 2) { /* no start + 2: it may overflow */
@@ -594,10 +629,15 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             /* The bits octet before the frame end: mandatory is its lowest. */
             mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
+            unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
+                                (const unsigned char *)PyBytes_AS_STRING(header));
+            if (PyBytes_GET_SIZE(body) - FRAME_OVERHEAD > largest)
+                largest = PyBytes_GET_SIZE(body) - FRAME_OVERHEAD;
             start += 3;
         }
     }
-    return Py_BuildValue("(NnO)", pieces, start, mandatory ? Py_True : Py_False);
+    return Py_BuildValue("(NnOOn)", pieces, start, mandatory ? Py_True : Py_False,
+                         unsettled ? Py_True : Py_False, largest);
 }
 
 static PyMethodDef methods[] = {

@@ -36,7 +36,7 @@ from amqplex.protocol.framing import (
     rewrite_channel,
     split_body,
 )
-from amqplex.worker import whole_publish
+from amqplex.worker import quiet, whole_publish
 from amqplex.worker.rules import STATELESS_METHODS, check_client_method, check_publish
 
 if typing.TYPE_CHECKING:
@@ -96,6 +96,8 @@ class ClientChannel:
         "consumer_tags",
         "committing",
         "stateful",
+        "unsettled",
+        "largest_body",
     )
 
     def __init__(self, session: ClientSession, cid: int) -> None:
@@ -126,6 +128,12 @@ class ClientChannel:
         # confirm, tx, flow, unacked gets, mandatory publishes): its upstream
         # channel is closed after it, never handed to another client.
         self.stateful = False
+        # Something the client sent may still draw a reply or an error from
+        # the broker (anything but a quiet publish, quiet.py): recycling its
+        # channel waits for a probe. Else the largest of its publishes' bodies
+        # decides (UpstreamChannel.recycle); -1 for none.
+        self.unsettled = False
+        self.largest_body = -1
 
     # -- binding to an upstream channel ---------------------------------------
 
@@ -165,6 +173,8 @@ class ClientChannel:
             if index == _PUBLISH:
                 if check_publish(frame):
                     self.stateful = True  # its Basic.Return may still come
+                if not quiet.quiet_method(frame):
+                    self.unsettled = True
                 self.content.append(frame)
                 self.expect = _EXPECT_HEADER
                 return
@@ -173,6 +183,10 @@ class ClientChannel:
             if self.expect != _EXPECT_HEADER:
                 raise _unexpected_frame(self.expect)
             self.body_left = check_header(frame)
+            if not quiet.quiet_header(frame):
+                self.unsettled = True
+            if self.body_left > self.largest_body:
+                self.largest_body = self.body_left
             self.content.append(frame)
             if self.body_left == 0:
                 self._send_content()
@@ -214,14 +228,24 @@ class ClientChannel:
             or self.session.frame_max > slot.upstream.frame_max
         ):
             return 0
-        pieces, end, mandatory = whole_publish.renumber_run(frames, start, self.cid, slot.uid_bytes)
+        pieces, end, mandatory, unsettled, largest = whole_publish.renumber_run(
+            frames, start, self.cid, slot.uid_bytes
+        )
         if not pieces:
             piece = self._whole_by_reference(frames, start, slot.uid_bytes)
             if piece is None:
                 return 0
-            pieces, end, mandatory = [piece], start + 3, whole_publish.mandatory(frames[start][2])
+            end = start + 3
+            method, header = frames[start][2], frames[start + 1][2]
+            pieces, mandatory = [piece], whole_publish.mandatory(method)
+            unsettled = not (quiet.quiet_method(method) and quiet.quiet_header(header))
+            largest = len(frames[start + 2][2]) - FRAME_OVERHEAD
         if mandatory:
             self.stateful = True  # its Basic.Return may still come
+        if unsettled:
+            self.unsettled = True
+        if largest > self.largest_body:
+            self.largest_body = largest
         self.session.worker.stats.messages_published += len(pieces)
         upstream = slot.upstream
         upstream.writer.write_many(pieces)
@@ -278,6 +302,7 @@ class ClientChannel:
             self.declares.append(method.exclusive or not method.queue)
         elif index == _QUEUE_DELETE:
             self.session.pool.disown(method.queue, self.session)
+        self.unsettled = True  # its reply, or its error, is on the way
         self._send(frame)
 
     def _track_consumer(self, method: commands.Basic.Consume) -> None:
@@ -354,7 +379,7 @@ class ClientChannel:
         if self._reusable(slot):
             # Nothing to undo at the broker: answer at once, keep the channel.
             self.slot = None
-            slot.recycle()
+            slot.recycle(self.unsettled, self.largest_body)
             self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
@@ -433,7 +458,7 @@ class ClientChannel:
         if slot is None:
             return
         if self._reusable(slot):
-            slot.recycle()
+            slot.recycle(self.unsettled, self.largest_body)
         else:
             slot.close()
 

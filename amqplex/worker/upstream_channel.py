@@ -9,6 +9,8 @@ A channel whose client changed nothing about it (only published, declared,
 bound, or got without ack) is recycled instead of closed: a background
 round trip (Basic.Recover) proves no asynchronous error of that client's is
 still on its way, and only then does the channel go back to the idle set.
+A client that sent nothing but quiet publishes (quiet.py) no larger than
+ones already proven on the channel leaves it idle at once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class UpstreamChannel:
         "owes_close_ok",
         "closing",
         "probing",
+        "proving",
+        "proven_body",
         "for_idle",
     )
 
@@ -64,6 +68,12 @@ class UpstreamChannel:
         self.closing = False
         # Recycled: waiting for the probe's RecoverOk before going idle.
         self.probing = False
+        # The largest quiet publish (quiet.py) this channel carried with a
+        # clean probe after it, since it last carried a client that was not
+        # quiet; -1 for none. What the probe under way proves if it comes
+        # back clean.
+        self.proven_body = -1
+        self.proving = -1
         # Opened by the pool to be idle (counted in upstream.idle_opening).
         self.for_idle = False
 
@@ -101,6 +111,7 @@ class UpstreamChannel:
                 return
             if index == _RECOVER_OK and self.probing:
                 self.probing = False
+                self.proven_body = max(self.proven_body, self.proving)
                 self.upstream.pool.return_idle(self)
                 return
         client = self.client
@@ -154,10 +165,20 @@ class UpstreamChannel:
         """Open (or opening) with no close under way in either direction."""
         return not (self.closing or self.owes_close_ok or self.awaiting_close_ok)
 
-    def recycle(self) -> None:
-        """Its client is done and changed no channel state: probe it, and
-        make it idle once the probe comes back clean."""
+    def recycle(self, unsettled: bool, largest_body: int) -> None:
+        """Its client is done and changed no channel state. Idle at once if
+        everything the client sent was a quiet publish of at most
+        proven_body octets; else probe it, and make it idle once the probe
+        comes back clean."""
         self.detach()
+        if not unsettled and largest_body <= self.proven_body:
+            self.upstream.pool.return_idle(self)
+            return
+        if unsettled:
+            # Its other checks may have pushed the exchange's permission out
+            # of the broker channel's cache: prove it again.
+            self.proven_body = -1
+        self.proving = -1 if unsettled else largest_body
         self.probing = True
         self.write(rewrite_channel(_PROBE, self.uid_bytes))
 

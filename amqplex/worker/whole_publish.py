@@ -52,5 +52,5 @@ else:
 
     def renumber_run(
         frames: list, start: int, channel: int, uid: bytes
-    ) -> tuple[list[bytes], int, bool]:
-        return [], start, False  # each message by the reference
+    ) -> tuple[list[bytes], int, bool, bool, int]:
+        return [], start, False, False, -1  # each message by the reference

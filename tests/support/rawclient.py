@@ -51,12 +51,16 @@ class RawClient:
         self.send(frame.marshal(method, channel))
 
     def publish(
-        self, channel: int, body: bytes, exchange: str = "", routing_key: str = "q"
+        self,
+        channel: int,
+        body: bytes,
+        exchange: str = "",
+        routing_key: str = "q",
+        properties: commands.Basic.Properties | None = None,
     ) -> None:
         self.method(channel, commands.Basic.Publish(exchange=exchange, routing_key=routing_key))
-        self.send(
-            frame.marshal(header.ContentHeader(0, len(body), commands.Basic.Properties()), channel)
-        )
+        properties = properties or commands.Basic.Properties()
+        self.send(frame.marshal(header.ContentHeader(0, len(body), properties), channel))
         if body:
             self.send(body_frame(channel, body))
 

@@ -18,7 +18,7 @@ from pamqp import body, commands, frame, header
 
 from amqplex.protocol import constants, content, framing
 from amqplex.protocol.errors import ConnectionException
-from amqplex.worker import whole_publish
+from amqplex.worker import quiet, whole_publish
 
 _WIDTH_OF_KIND = {"shortstr": 0, "table": -1, "octet": 1, "timestamp": 8}
 
@@ -43,7 +43,10 @@ def whole_publishes(draw) -> tuple[bytes, bytes, bytes]:
     any property list pamqp encodes; some of them then bent out of shape."""
     channel = draw(st.integers(1, 3))
     exchange = draw(st.sampled_from(["", "amq.direct", "x"]))
-    routing_key = draw(st.text(max_size=8))
+    routing_key = draw(
+        st.text(max_size=8)
+        | st.sampled_from(["amq.rabbitmq.reply-to", "amq.rabbitmq", "amq.rabbitmq."])
+    )
     publish = commands.Basic.Publish(
         exchange=exchange,
         routing_key=routing_key,
@@ -186,10 +189,11 @@ def test_whole_publish_leaves_a_headers_table_to_the_reference():
 
 def runs_reference(
     frames: list, start: int, channel: int, uid: bytes
-) -> tuple[list[bytes], int, bool]:
+) -> tuple[list[bytes], int, bool, bool, int]:
     """_walk.whole_publishes in Python: the run of publishes on `channel`
     from frames[start], each with its header and one body frame, as far as
-    the compiled check takes them one by one."""
+    the compiled check takes them one by one; whether any was mandatory or
+    not quiet (quiet.py), and the largest body."""
     pieces = []
     while start + 2 < len(frames):
         parts = frames[start : start + 3]
@@ -203,8 +207,15 @@ def runs_reference(
             break
         pieces.append(piece)
         start += 3
-    methods = frames[start - 3 * len(pieces) : start : 3]
-    return pieces, start, any(whole_publish.mandatory(frame) for _, _, frame in methods)
+    taken = [frame for _, _, frame in frames[start - 3 * len(pieces) : start]]
+    methods, headers, bodies = taken[::3], taken[1::3], taken[2::3]
+    return (
+        pieces,
+        start,
+        any(whole_publish.mandatory(frame) for frame in methods),
+        not all(map(quiet.quiet_method, methods)) or not all(map(quiet.quiet_header, headers)),
+        max((len(body) - constants.FRAME_OVERHEAD for body in bodies), default=-1),
+    )
 
 
 def _as_cut(raw: bytes) -> tuple:
@@ -224,7 +235,8 @@ def test_a_run_of_publishes_is_taken_as_the_check_takes_them_one_by_one(
 ):
     """Runs of publishes (mixed channels, bent ones, frames missing where
     `cuts` says): the same pieces, the same stopping place, the same
-    mandatory flag as the one-message check, from every starting index."""
+    mandatory and quiet flags and largest body as the one-message check and
+    quiet.py, from every starting index."""
     frames = [_as_cut(raw) for message in messages for raw in message]
     for at in sorted(set(cuts), reverse=True):
         del frames[at : at + 1]
@@ -246,8 +258,10 @@ def test_a_run_stops_at_a_large_body_left_as_a_view_and_at_another_channel():
     viewed = publish(1)
     viewed[2] = (3, 1, memoryview(viewed[2][2]))
     frames = publish(1) + publish(1) + viewed + publish(1)
-    pieces, end, mandatory = framing._walk.whole_publishes(frames, 0, 1, b"\x00\x07")
-    assert (len(pieces), end, mandatory) == (2, 6, False)
+    pieces, end, mandatory, unsettled, largest = framing._walk.whole_publishes(
+        frames, 0, 1, b"\x00\x07"
+    )
+    assert (len(pieces), end, mandatory, unsettled, largest) == (2, 6, False, False, 3)
     assert framing._walk.whole_publishes(publish(1) + publish(2), 0, 1, b"\x00\x07")[1] == 3
 
 
@@ -277,7 +291,7 @@ def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
         ([(t, c + 2**64, f) for t, c, f in whole], 0, b"\x00\x07"),
         ([(t, 2**70, f) for t, _, f in whole], 0, b"\x00\x07"),
     ):
-        assert run(frames, start, 1, uid) == ([], start, False), (frames, start, uid)
+        assert run(frames, start, 1, uid) == ([], start, False, False, -1), (frames, start, uid)
     for arguments in ((whole, 0, 1), (tuple(whole), 0, 1, b"\x00\x07"), (whole, 0, 1, "ab")):
         with pytest.raises(TypeError):
             run(*arguments)

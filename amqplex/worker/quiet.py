@@ -1,0 +1,85 @@
+"""Publishes the broker can answer with nothing, ever.
+
+A recycled channel goes to the next client only once nothing its last client
+sent can still draw a reply or an error from the broker (DESIGN rule 6):
+otherwise that answer would reach the next client. The proxy proves it with
+a probe's round trip (upstream_channel.py), which costs the broker more than
+anything else in a short-lived client's life. Some publishes need no proof.
+
+RabbitMQ's channel checks a Basic.Publish in this order (rabbit_channel and
+rabbit_basic, 3.10): the body against max_message_size (406), write
+permission on the exchange (403), that the exchange exists (404) and is not
+internal (403), topic permissions on a topic exchange, the properties
+(user_id must be the connection's user, expiration a number of
+milliseconds, a reply_to of amq.rabbitmq.reply-to needs a direct reply-to
+consumer, delivery_mode 1 or 2, the CC and BCC headers arrays: each 406),
+and routing keys of direct reply-to (amq.rabbitmq.reply-to.*, whose bad
+ones crash the channel). Then it routes; a message without mandatory,
+confirms or transactions that reaches no queue, or a full queue that
+rejects publishes, is dropped in silence.
+
+A publish to the default exchange, which always exists, is a direct
+exchange and is not internal, with none of those properties (delivery_mode
+1 or 2 only) and a routing key outside amq.rabbitmq.*, can fail only the
+size and permission checks. The size limit is the same for a channel's
+whole life (the channel reads max_message_size when it opens), so once a
+probe has come back clean after such a publish on a channel, any later one
+no larger cannot fail it: `UpstreamChannel.proven_body` keeps that size.
+The permission is the user's, the same for every client of the upstream
+(pools are per user, password and vhost); the broker's channel checks it
+again after it has been idle, so an operator revoking the user's write
+permission on the vhost while its clients publish can have the first
+refusal (403) reach the next client of that same user, which would be
+refused the same. A stream queue whose coordinator is unavailable (405) is
+the one queue-side refusal left; both are in README's known limits.
+
+Mandatory publishes are not quiet in a different way (a Basic.Return may
+come): they make a channel stateful, which is closed rather than recycled.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pamqp import commands
+
+from amqplex.protocol.constants import FRAME_HEADER_SIZE
+
+# The properties RabbitMQ checks as it routes.
+CHECKED_PROPERTIES = sum(
+    commands.Basic.Properties.flags[name]
+    for name in ("headers", "reply_to", "expiration", "user_id")
+)
+_RESERVED_KEYS = b"amq.rabbitmq."
+_EXCHANGE = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
+_FLAGS = struct.Struct(">H")
+_FLAGS_AT = FRAME_HEADER_SIZE + 12  # after class, weight and body size
+_SHORT_STRINGS_BEFORE_MODE = tuple(
+    commands.Basic.Properties.flags[name] for name in ("content_type", "content_encoding")
+)
+_DELIVERY_MODE = commands.Basic.Properties.flags["delivery_mode"]
+
+
+def quiet_method(frame: bytes) -> bool:
+    """Whether a Basic.Publish (check_publish took it) names the default
+    exchange and a routing key outside the broker's own."""
+    if frame[_EXCHANGE]:
+        return False
+    key = _EXCHANGE + 2
+    reserved = frame[key - 1] >= len(_RESERVED_KEYS) and frame.startswith(_RESERVED_KEYS, key)
+    return not reserved
+
+
+def quiet_header(frame: bytes) -> bool:
+    """Whether a content header (check_header took it) carries none of the
+    properties the broker checks, and a delivery_mode, if any, of 1 or 2."""
+    flags = _FLAGS.unpack_from(frame, _FLAGS_AT)[0]
+    if flags & CHECKED_PROPERTIES:
+        return False
+    if not flags & _DELIVERY_MODE:
+        return True
+    pos = _FLAGS_AT + 2
+    for mask in _SHORT_STRINGS_BEFORE_MODE:  # no headers table: it is checked
+        if flags & mask:
+            pos += 1 + frame[pos]
+    return frame[pos] in (1, 2)

@@ -1,0 +1,295 @@
+"""Quiet publishes (amqplex/worker/quiet.py): which publishes the proxy
+lets a recycled channel pass on without a probe, and that every kind it
+refuses to call quiet does draw the broker's error after a channel was
+proven, an error the next client on that channel never sees."""
+
+from __future__ import annotations
+
+import struct
+
+import pika
+import pytest
+from pamqp import body as pamqp_body
+from pamqp import commands, frame, header
+
+from amqplex.protocol import framing
+from amqplex.worker import quiet
+from tests.conftest import proxy_params
+from tests.support.rawclient import RawClient
+from tests.support.relay import DOWN, UP
+from tests.support.waiting import wait_until
+from tests.worker.test_channels import (
+    amqp_connections,
+    close_method,
+    ready_count,
+    upstream_frames,
+    wait_pool_warm,
+)
+
+
+def method_frame(exchange: str = "", routing_key: str = "q") -> bytes:
+    return frame.marshal(commands.Basic.Publish(exchange=exchange, routing_key=routing_key), 1)
+
+
+def header_frame(**properties) -> bytes:
+    return frame.marshal(header.ContentHeader(0, 3, commands.Basic.Properties(**properties)), 1)
+
+
+@pytest.mark.parametrize(
+    "routing_key", ["", "q", "amq.rabbitmq", "amq.gen-x", "amq.rabbitmqx", "x" * 255]
+)
+def test_a_publish_to_the_default_exchange_is_quiet(routing_key):
+    assert quiet.quiet_method(method_frame(routing_key=routing_key))
+
+
+@pytest.mark.parametrize(
+    ("exchange", "routing_key"),
+    [
+        ("amq.direct", "q"),
+        ("x", ""),
+        ("", "amq.rabbitmq.reply-to"),
+        ("", "amq.rabbitmq.reply-to.g2dkAA"),
+        ("", "amq.rabbitmq."),
+    ],
+)
+def test_another_exchange_or_a_reserved_routing_key_is_not_quiet(exchange, routing_key):
+    assert not quiet.quiet_method(method_frame(exchange, routing_key))
+
+
+def test_properties_the_broker_does_not_check_are_quiet():
+    assert quiet.quiet_header(header_frame())
+    assert quiet.quiet_header(
+        header_frame(
+            content_type="text/plain",
+            content_encoding="gzip",
+            delivery_mode=2,
+            priority=5,
+            correlation_id="c",
+            message_id="m",
+            message_type="t",
+            app_id="a",
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"headers": {}},
+        {"headers": {"CC": "not-an-array"}},
+        {"reply_to": "amq.rabbitmq.reply-to"},
+        {"reply_to": "any"},
+        {"expiration": "soon"},
+        {"user_id": "someone-else"},
+    ],
+    ids=["empty-headers", "cc-header", "direct-reply-to", "reply-to", "expiration", "user-id"],
+)
+def test_properties_the_broker_checks_are_not_quiet(properties):
+    assert not quiet.quiet_header(header_frame(**properties))
+
+
+def with_delivery_mode(mode: int, **properties) -> bytes:
+    """A content header whose delivery_mode octet is `mode` (pamqp encodes
+    only 1 and 2): the octet after the short strings that come first."""
+    raw = bytearray(header_frame(delivery_mode=2, **properties))
+    at = 7 + 14 + sum(1 + len(properties.get(name, "")) for name in properties)
+    assert raw[at] == 2
+    raw[at] = mode
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {},
+        {"content_type": "text/plain"},
+        {"content_encoding": "gzip"},
+        {"content_type": "a", "content_encoding": "bc"},
+    ],
+)
+def test_only_delivery_modes_1_and_2_are_quiet_in_python_and_compiled(properties):
+    """The broker refuses any other (406, delivery_mode_unknown); the
+    compiled run (_walk.whole_publishes) says the same as quiet.py."""
+    method = method_frame()
+    body = frame.marshal(pamqp_body.ContentBody(b"abc"), 1)
+    for mode in range(256):
+        content_header = with_delivery_mode(mode, **properties)
+        expected = mode in (1, 2)
+        assert quiet.quiet_header(content_header) is expected, mode
+        frames = [(1, 1, method), (2, 1, content_header), (3, 1, body)]
+        pieces, end, _, unsettled, largest = framing._walk.whole_publishes(
+            frames, 0, 1, b"\x00\x02"
+        )
+        assert (len(pieces), end, unsettled, largest) == (1, 3, not expected, 3), mode
+
+
+# -- against the broker: what a proven channel skips, and what it never skips ----------
+
+
+def _leave(client: RawClient, channel: int = 1) -> None:
+    client.method(channel, commands.Channel.Close(**close_method()))
+    client.expect(commands.Channel.CloseOk)
+    client.method(0, commands.Connection.Close(**close_method()))
+    client.expect(commands.Connection.CloseOk)
+
+
+def _probes_settled(relay) -> bool:
+    """Every Basic.Recover the proxy sent has its RecoverOk back."""
+    sent = upstream_frames(relay, lambda f: isinstance(f.method, commands.Basic.Recover))
+    answered = [
+        f
+        for conn in amqp_connections(relay)
+        for f in conn.frames(DOWN)
+        if isinstance(f.method, commands.Basic.RecoverOk)
+    ]
+    return len(sent) == len(answered)
+
+
+def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
+    fresh_amqplexd, relay, user, queue_name
+):
+    """One client after another, each publishing one quiet message: a
+    channel is probed after a publish larger than any proven on it, and
+    only then; every message arrives."""
+    # One channel kept ready: the clients take turns on the same few.
+    daemon = fresh_amqplexd(
+        upstream=relay.url,
+        env={"AMQP_POOL_IDLE_CHANNELS": "1", "AMQP_POOL_MAX_IDLE_CHANNELS": "1"},
+    )
+    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    wait_pool_warm(relay)
+    wait_until(lambda: _probes_settled(relay), what="the setup channel's probe")
+    sizes = [10, 10, 10, 100, 50, 100, 10, 200, 10, 10]
+    for size in sizes:
+        with RawClient(daemon.port) as client:
+            client.handshake(user.name, user.password)
+            client.open_channel(1)
+            client.publish(1, bytes(size), routing_key=queue_name)
+            _leave(client)
+        # The next client takes a channel only once its probe, if any, is back.
+        wait_until(lambda: _probes_settled(relay), what="a probe's RecoverOk")
+    wait_until(lambda: ready_count(queue_name) == len(sizes), what="every message queued")
+
+    skipped = 0
+    for conn in amqp_connections(relay):
+        events: dict[int, list] = {}  # per upstream channel: publish sizes and probes
+        for f in conn.frames(UP):
+            if isinstance(f.method, commands.Basic.Publish) and f.method.routing_key == queue_name:
+                events.setdefault(f.channel, []).append("publish")
+            elif f.frame_type == 2 and events.get(f.channel, [None])[-1] == "publish":
+                events[f.channel][-1] = struct.unpack_from(">Q", f.raw, 7 + 4)[0]
+            elif isinstance(f.method, commands.Basic.Recover):
+                events.setdefault(f.channel, []).append("probe")
+        for channel, seen in events.items():
+            while seen and seen[0] == "probe":
+                seen.pop(0)  # the setup client's queue.declare, probed
+            proven, expected = -1, []
+            for size in seen:
+                if size == "probe":
+                    continue
+                expected.append(size)
+                if size > proven:
+                    expected.append("probe")
+                    proven = size
+                else:
+                    skipped += 1
+            assert seen == expected, f"upstream channel {channel}"
+    assert skipped >= 5, "no channel was passed on without a probe"
+
+
+def _loud_header(**properties) -> bytes:
+    return frame.marshal(header.ContentHeader(0, 1, commands.Basic.Properties(**properties)), 1)
+
+
+def _unknown_delivery_mode() -> bytes:
+    raw = bytearray(_loud_header(delivery_mode=2))
+    raw[7 + 14] = 7
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    ("exchange", "content_header", "code"),
+    [
+        ("amqplex-missing-exchange", _loud_header(), 404),
+        ("", _loud_header(expiration="soon"), 406),
+        ("", _loud_header(user_id="someone-else"), 406),
+        ("", _loud_header(headers={"CC": "not-an-array"}), 406),
+        ("", _loud_header(reply_to="amq.rabbitmq.reply-to"), 406),
+        ("", _unknown_delivery_mode(), 406),
+    ],
+    ids=["missing-exchange", "expiration", "user-id", "cc-header", "direct-reply-to", "mode-7"],
+)
+def test_a_publish_the_broker_refuses_is_probed_even_on_a_proven_channel(
+    fresh_amqplexd, relay, user, queue_name, canary_for, exchange, content_header, code
+):
+    # None opened ahead, one kept: each client gets the channel the one
+    # before it left, A's included, unless A's is probed.
+    daemon = fresh_amqplexd(
+        upstream=relay.url,
+        env={"AMQP_POOL_IDLE_CHANNELS": "0", "AMQP_POOL_MAX_IDLE_CHANNELS": "1"},
+    )
+    canary = canary_for(daemon.port, user)  # on a channel of its own
+    canary.wait_round_trips(2)
+    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    for _ in range(2):  # the second client's channel has been proven by the first's
+        with RawClient(daemon.port) as prover:
+            prover.handshake(user.name, user.password)
+            prover.open_channel(1)
+            prover.publish(1, b"0123456789", routing_key=queue_name)
+            _leave(prover)
+        wait_until(lambda: _probes_settled(relay), what="a probe's RecoverOk")
+
+    # Nothing comes back from the broker until B holds its channels: A's
+    # refusal is still on its way when B's Channel.Opens are answered.
+    relay.stall(DOWN)
+    b = RawClient(daemon.port)
+    try:
+        with RawClient(daemon.port) as a:
+            a.handshake(user.name, user.password)
+            a.open_channel(1)
+            a.method(1, commands.Basic.Publish(exchange=exchange, routing_key=queue_name))
+            a.send(content_header + frame.marshal(pamqp_body.ContentBody(b"x"), 1))
+            _leave(a)
+        b.handshake(user.name, user.password)
+        channels = range(1, 4)
+        mark = relay.mark()
+        for channel in channels:
+            b.method(channel, commands.Channel.Open())
+            b.method(channel, commands.Exchange.Declare(exchange="amq.direct", passive=True))
+
+        def b_declares_upstream() -> bool:
+            declares = upstream_frames(
+                relay, lambda f: f.seq > mark and isinstance(f.method, commands.Exchange.Declare)
+            )
+            return len(declares) == len(channels)
+
+        wait_until(b_declares_upstream, what="B's declares to go upstream")
+        relay.resume(DOWN)
+        got = [b.read_method(timeout=10) for _ in range(2 * len(channels))]
+    finally:
+        relay.resume(DOWN)
+        b.close()
+    closes = [(ch, m.reply_code) for ch, m in got if isinstance(m, commands.Channel.Close)]
+    assert closes == [], f"B was handed a channel with A's refusal pending: {closes}"
+    canary.wait_round_trips(3)
+
+    # A's publish did draw the broker's refusal, on the channel it had.
+    conn, publish = upstream_frames(
+        relay,
+        lambda f: (
+            isinstance(f.method, commands.Basic.Publish) and f.method.routing_key == queue_name
+        ),
+    )[-1]
+    assert publish.method.exchange == exchange
+    refusals = [
+        f.method.reply_code
+        for f in conn.frames(DOWN)
+        if f.channel == publish.channel
+        and f.seq > publish.seq
+        and isinstance(f.method, commands.Channel.Close)
+    ]
+    assert refusals == [code]
