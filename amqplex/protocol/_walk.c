@@ -392,6 +392,7 @@ fail:
 #define CONTENT_ENCODING 0x4000
 #define DELIVERY_MODE 0x1000
 #define RESERVED_KEYS "amq.rabbitmq."
+#define DIRECT_REPLY "amq.rabbitmq.reply-to." /* rules.py's _DIRECT_REPLY */
 
 /* Basic's property flags in wire order and the octets each takes: 0 for a
  * short string (its length octet says), -1 for the headers table (left to
@@ -407,7 +408,8 @@ static const struct {
 #define KNOWN_FLAGS 0xFFFCu
 
 /* Whether the publish's arguments are what check_publish accepts (two short
- * strings, then bits without immediate, then the frame end). */
+ * strings, then bits without immediate, then the frame end), leaving the
+ * direct reply-to keys it checks on the default exchange to it. */
 static int
 publish_fits(const unsigned char *p, Py_ssize_t len)
 {
@@ -416,6 +418,10 @@ publish_fits(const unsigned char *p, Py_ssize_t len)
     Py_ssize_t pos = PUBLISH_ARGS;
     pos += 1 + p[pos]; /* exchange */
     if (pos >= len)
+        return 0;
+    const size_t reply = sizeof DIRECT_REPLY - 1;
+    if (pos == PUBLISH_ARGS + 1 && p[pos] >= reply && pos + 1 + (Py_ssize_t)reply <= len &&
+        memcmp(p + pos + 1, DIRECT_REPLY, reply) == 0)
         return 0;
     pos += 1 + p[pos]; /* routing key */
     if (pos + 2 != len)

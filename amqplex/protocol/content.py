@@ -26,6 +26,9 @@ _LAYOUT = tuple(
     for name in commands.Basic.Properties.__slots__
 )
 _KNOWN_FLAGS = sum(mask for mask, _ in _LAYOUT)
+_BEFORE_HEADERS = tuple(
+    commands.Basic.Properties.flags[name] for name in ("content_type", "content_encoding")
+)
 
 
 def check_header(frame: bytes) -> int:
@@ -55,6 +58,16 @@ def check_header(frame: bytes) -> int:
     if flags & ~_KNOWN_FLAGS or not _properties_fit(frame, pos, end, flags):
         raise ConnectionException(ReplyCode.INTERNAL_ERROR, "malformed content properties")
     return body_size
+
+
+def header_table(frame: bytes) -> dict:
+    """The headers table of a content header check_header took (which has one)."""
+    pos = FRAME_HEADER_SIZE + _HEADER.size
+    flags = _HEADER.unpack_from(frame, FRAME_HEADER_SIZE)[3]
+    for mask in _BEFORE_HEADERS:  # short strings
+        if flags & mask:
+            pos += 1 + frame[pos]
+    return values.field_table(frame[pos:-1])[1]
 
 
 def _properties_fit(frame: bytes, pos: int, end: int, flags: int) -> bool:

@@ -37,7 +37,12 @@ from amqplex.protocol.framing import (
     split_body,
 )
 from amqplex.worker import quiet, whole_publish
-from amqplex.worker.rules import STATELESS_METHODS, check_client_method, check_publish
+from amqplex.worker.rules import (
+    STATELESS_METHODS,
+    check_client_method,
+    check_header_routes,
+    check_publish,
+)
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.session import ClientSession
@@ -183,6 +188,7 @@ class ClientChannel:
             if self.expect != _EXPECT_HEADER:
                 raise _unexpected_frame(self.expect)
             self.body_left = check_header(frame)
+            check_header_routes(self.content[0], frame)
             if not quiet.quiet_header(frame):
                 self.unsettled = True
             if self.body_left > self.largest_body:

@@ -18,7 +18,7 @@ from pamqp import commands
 from amqplex.protocol import framing
 from amqplex.protocol.constants import FRAME_OVERHEAD
 from amqplex.protocol.content import check_header
-from amqplex.worker.rules import check_publish
+from amqplex.worker.rules import check_header_routes, check_publish
 
 _PUBLISH = commands.Basic.Publish.index
 
@@ -31,6 +31,7 @@ def reference_renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> 
         return None
     check_publish(frame)
     size = check_header(header)
+    check_header_routes(frame, header)
     # Zero: the message ends with its header, and the body frame after it
     # is an error of its own; more: it wants more body frames.
     if size == 0 or size != len(body) - FRAME_OVERHEAD:

@@ -11,6 +11,7 @@ upstream connection stays the one it was (no reconnect).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import struct
 import time
@@ -97,6 +98,32 @@ def queue_declare_named(channel: int, name: bytes) -> bytes:
 
 
 CTAG_QUEUE = f"amqplex-isolation-ctag-{uuid.uuid4().hex[:8]}"
+
+
+def pid_key(node: bytes) -> str:
+    """A direct reply-to routing key naming a pid on `node` (NEW_PID_EXT)."""
+    term = b"\x83Xv" + struct.pack(">H", len(node)) + node + bytes(12)
+    return "amq.rabbitmq.reply-to." + base64.b64encode(term).decode() + ".key"
+
+
+def whole_publish(channel: int, routing_key: str, **properties) -> bytes:
+    """A publish to the default exchange with its header and a body of three."""
+    content = header.ContentHeader(0, 3, commands.Basic.Properties(**properties))
+    return (
+        publish(channel, routing_key)
+        + frame.marshal(content, channel)
+        + body_frame(channel, b"abc")
+    )
+
+
+def split_body_publish(channel: int, routing_key: str) -> bytes:
+    """The same in two body frames: the frame-by-frame path, not the whole one."""
+    return (
+        publish(channel, routing_key)
+        + content_header(channel, 3)
+        + body_frame(channel, b"a")
+        + body_frame(channel, b"bc")
+    )
 
 
 def _frame_max_payload_body(client: RawClient) -> bytes:
@@ -195,6 +222,28 @@ CASES = [
         lambda c: (
             publish(1) + content_header(1, 3) + body_frame(1, b"abc") + publish(1) + declare(1)
         ),
+    ),
+    # Direct reply-to keys on the default exchange that the broker cannot
+    # decode crash its channel: 541 for the whole connection.
+    Case(
+        "direct-reply-to-key-not-base64",
+        lambda c: whole_publish(1, "amq.rabbitmq.reply-to.abc.def"),
+        text_prefix="INTERNAL_ERROR",
+    ),
+    Case(
+        "direct-reply-to-key-not-a-pid",
+        lambda c: whole_publish(1, "amq.rabbitmq.reply-to.g2EF.key"),
+        text_prefix="INTERNAL_ERROR",
+    ),
+    Case(
+        "direct-reply-to-key-of-a-node-not-reply",
+        lambda c: split_body_publish(1, pid_key(b"rabbit@localhost")),
+        text_prefix="INTERNAL_ERROR",
+    ),
+    Case(
+        "direct-reply-to-key-in-a-cc-header",
+        lambda c: whole_publish(1, "q", headers={"CC": ["q", 5, "amq.rabbitmq.reply-to.x.y"]}),
+        text_prefix="INTERNAL_ERROR",
     ),
     # ... and one channel more than channel_max is 530 NOT_ALLOWED.
     Case(
