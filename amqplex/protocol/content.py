@@ -26,7 +26,9 @@ _LAYOUT = tuple(
     for name in commands.Basic.Properties.__slots__
 )
 _KNOWN_FLAGS = sum(mask for mask, _ in _LAYOUT)
-_BEFORE_HEADERS = tuple(
+_FLAGS_AT = FRAME_HEADER_SIZE + 12  # after class, weight and body size
+# The short strings the property list starts with, before the headers table.
+LEADING_SHORT_STRINGS = tuple(
     commands.Basic.Properties.flags[name] for name in ("content_type", "content_encoding")
 )
 
@@ -60,14 +62,30 @@ def check_header(frame: bytes) -> int:
     return body_size
 
 
-def header_table(frame: bytes) -> dict:
-    """The headers table of a content header check_header took (which has one)."""
+def property_flags(frame: bytes) -> int:
+    """A content header's property flags (check_header took the frame)."""
+    return frame[_FLAGS_AT] << 8 | frame[_FLAGS_AT + 1]
+
+
+def header_entries(frame: bytes) -> list[tuple[str, object]]:
+    """The entries of a content header's headers table (check_header took
+    the frame, and it has one), in order, a name that repeats each time: the
+    broker reads the first, where a dict would keep the last."""
     pos = FRAME_HEADER_SIZE + _HEADER.size
     flags = _HEADER.unpack_from(frame, FRAME_HEADER_SIZE)[3]
-    for mask in _BEFORE_HEADERS:  # short strings
+    for mask in LEADING_SHORT_STRINGS:
         if flags & mask:
             pos += 1 + frame[pos]
-    return values.field_table(frame[pos:-1])[1]
+    end = pos + 4 + struct.unpack_from(">I", frame, pos)[0]
+    pos += 4
+    entries = []
+    while pos < end:
+        size = frame[pos]
+        name = frame[pos + 1 : pos + 1 + size].decode()
+        consumed, value = values.embedded_value(frame[pos + 1 + size : end])
+        entries.append((name, value))
+        pos += 1 + size + consumed
+    return entries
 
 
 def _properties_fit(frame: bytes, pos: int, end: int, flags: int) -> bool:

@@ -39,11 +39,10 @@ come): they make a channel stateful, which is closed rather than recycled.
 
 from __future__ import annotations
 
-import struct
-
 from pamqp import commands
 
 from amqplex.protocol.constants import FRAME_HEADER_SIZE
+from amqplex.protocol.content import LEADING_SHORT_STRINGS, property_flags
 
 # The properties RabbitMQ checks as it routes.
 CHECKED_PROPERTIES = sum(
@@ -52,11 +51,7 @@ CHECKED_PROPERTIES = sum(
 )
 _RESERVED_KEYS = b"amq.rabbitmq."
 _EXCHANGE = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
-_FLAGS = struct.Struct(">H")
-_FLAGS_AT = FRAME_HEADER_SIZE + 12  # after class, weight and body size
-_SHORT_STRINGS_BEFORE_MODE = tuple(
-    commands.Basic.Properties.flags[name] for name in ("content_type", "content_encoding")
-)
+_PROPERTIES = FRAME_HEADER_SIZE + 14  # after class, weight, body size and flags
 _DELIVERY_MODE = commands.Basic.Properties.flags["delivery_mode"]
 
 
@@ -73,13 +68,13 @@ def quiet_method(frame: bytes) -> bool:
 def quiet_header(frame: bytes) -> bool:
     """Whether a content header (check_header took it) carries none of the
     properties the broker checks, and a delivery_mode, if any, of 1 or 2."""
-    flags = _FLAGS.unpack_from(frame, _FLAGS_AT)[0]
+    flags = property_flags(frame)
     if flags & CHECKED_PROPERTIES:
         return False
     if not flags & _DELIVERY_MODE:
         return True
-    pos = _FLAGS_AT + 2
-    for mask in _SHORT_STRINGS_BEFORE_MODE:  # no headers table: it is checked
+    pos = _PROPERTIES
+    for mask in LEADING_SHORT_STRINGS:  # then delivery_mode, with no headers table
         if flags & mask:
             pos += 1 + frame[pos]
     return frame[pos] in (1, 2)

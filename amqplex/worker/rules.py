@@ -8,12 +8,13 @@ on the offending client's connection alone (DESIGN rule 6).
 import base64
 import binascii
 import re
+import typing
 
 from pamqp import commands
 
 from amqplex.protocol import methods
 from amqplex.protocol.constants import FRAME_HEADER_SIZE, ReplyCode
-from amqplex.protocol.content import header_table
+from amqplex.protocol.content import header_entries, property_flags
 from amqplex.protocol.errors import ConnectionException
 
 # Methods that declare, bind, purge or delete: they leave the channel as it
@@ -61,17 +62,20 @@ _PUBLISH_IDS = methods.ids(commands.Basic.Publish)
 _RECOVER = (commands.Basic.Recover, commands.Basic.RecoverAsync)
 _PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
 _HEADERS = commands.Basic.Properties.flags["headers"]
-_FLAGS_AT = FRAME_HEADER_SIZE + 12  # a content header's, after class, weight and size
 
 # Direct reply-to: on the default exchange, RabbitMQ (3.10) reads a routing
 # key (or a CC or BCC entry) under this prefix as <base64 of an Erlang pid
-# term>.<key>, dropping it unless it has exactly two dot-separated parts. A
-# first part that is not the pid of a node "reply@<hash>" crashes the
-# broker's channel, and that closes the whole connection with 541.
+# term>.<key>, dropping it unless it has exactly two dot-separated parts.
+# A rest that is not UTF-8, or a first part that is not such a pid (its node
+# an ATOM_UTF8_EXT or SMALL_ATOM_UTF8_EXT of the form name@<hash>), crashes
+# the broker's channel, and that closes the whole connection with 541. The
+# check takes the form the broker gives out; the few others it also takes
+# (a NEW_PID_EXT with a short tail, base64 with whitespace) only a forged
+# key has, and they are refused with the rest.
 _DIRECT_REPLY = b"amq.rabbitmq.reply-to."
 _PID_TAIL = {88: 12, 103: 9}  # NEW_PID_EXT, PID_EXT: the octets after the node
-_ATOM_LENGTH = {100: 2, 115: 1, 118: 2, 119: 1}  # the atom tags' length octets
-_REPLY_NODE = re.compile(rb"reply@[0-9]+")
+_ATOM_LENGTH = {118: 2, 119: 1}  # ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT: length octets
+_HASHED_NODE = re.compile(rb"[^@]+@[0-9]+")
 
 
 def check_publish(frame: bytes) -> bool:
@@ -97,29 +101,35 @@ def check_publish(frame: bytes) -> bool:
 
 def check_header_routes(method_frame: bytes, header_frame: bytes) -> None:
     """The CC and BCC headers of a publish to the default exchange (both
-    frames checked): their keys go where its routing key goes."""
-    if method_frame[_PUBLISH_ARGS] == 0 and _flags(header_frame) & _HEADERS:
-        table = header_table(header_frame)
-        for name in ("CC", "BCC"):
-            keys = table.get(name)
+    frames checked): their keys go where its routing key goes. The broker
+    reads the first entry of each name and skips what is not a long string."""
+    if method_frame[_PUBLISH_ARGS] != 0 or not property_flags(header_frame) & _HEADERS:
+        return
+    seen = set()
+    for name, keys in header_entries(header_frame):
+        if name in ("CC", "BCC") and name not in seen:
+            seen.add(name)
             if isinstance(keys, list):  # another type is the broker's 406
                 for key in keys:
-                    if isinstance(key, str):  # the broker skips the rest
+                    if isinstance(key, str):
                         check_direct_reply(key.encode())
-
-
-def _flags(header_frame: bytes) -> int:
-    return header_frame[_FLAGS_AT] << 8 | header_frame[_FLAGS_AT + 1]
+                    elif type(key) is bytes:  # a long string that is not UTF-8
+                        check_direct_reply(key)
 
 
 def check_direct_reply(key: bytes) -> None:
-    """Refuse a direct reply-to key the broker could not decode (see
-    _DIRECT_REPLY), as the broker would, but on this client alone. One that
-    names the pid of a node outside the cluster cannot be told from a good
-    one here (README, known limits)."""
+    """Refuse a direct reply-to key that would crash the broker's channel
+    (see _DIRECT_REPLY) with its 541, on this client alone. One that names
+    a node outside the cluster cannot be told from a good one here (README,
+    known limits)."""
     if not key.startswith(_DIRECT_REPLY):
         return
-    parts = [part for part in key[len(_DIRECT_REPLY) :].split(b".") if part]
+    rest = key[len(_DIRECT_REPLY) :]
+    try:
+        rest.decode()
+    except UnicodeDecodeError:
+        _refuse_direct_reply(key)
+    parts = [part for part in rest.split(b".") if part]
     if len(parts) != 2:
         return  # dropped by the broker
     try:
@@ -127,14 +137,18 @@ def check_direct_reply(key: bytes) -> None:
     except binascii.Error:
         term = b""
     if not _is_reply_pid(term):
-        raise ConnectionException(
-            ReplyCode.INTERNAL_ERROR,
-            f"cannot decode direct reply-to routing key '{key.decode(errors='replace')}'",
-        )
+        _refuse_direct_reply(key)
+
+
+def _refuse_direct_reply(key: bytes) -> typing.NoReturn:
+    raise ConnectionException(
+        ReplyCode.INTERNAL_ERROR,
+        f"cannot decode direct reply-to routing key '{key.decode(errors='replace')}'",
+    )
 
 
 def _is_reply_pid(term: bytes) -> bool:
-    """Whether `term` is Erlang's external format of a pid on "reply@<hash>"."""
+    """Whether `term` is Erlang's external format of a pid on "name@<hash>"."""
     if len(term) < 4 or term[0] != 131 or term[1] not in _PID_TAIL:
         return False
     width = _ATOM_LENGTH.get(term[2])
@@ -142,7 +156,7 @@ def _is_reply_pid(term: bytes) -> bool:
         return False
     start = 3 + width
     end = start + int.from_bytes(term[3:start], "big")
-    if not _REPLY_NODE.fullmatch(term[start:end]):
+    if not _HASHED_NODE.fullmatch(term[start:end]):
         return False
     return len(term) == end + _PID_TAIL[term[1]]
 

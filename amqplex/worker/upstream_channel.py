@@ -69,9 +69,9 @@ class UpstreamChannel:
         # Recycled: waiting for the probe's RecoverOk before going idle.
         self.probing = False
         # The largest quiet publish (quiet.py) this channel carried with a
-        # clean probe after it, since it last carried a client that was not
-        # quiet; -1 for none. What the probe under way proves if it comes
-        # back clean.
+        # clean probe after it (the broker's size limit is the channel's for
+        # its life), -1 for none; and what the probe under way proves if it
+        # comes back clean.
         self.proven_body = -1
         self.proving = -1
         # Opened by the pool to be idle (counted in upstream.idle_opening).
@@ -174,10 +174,6 @@ class UpstreamChannel:
         if not unsettled and largest_body <= self.proven_body:
             self.upstream.pool.return_idle(self)
             return
-        if unsettled:
-            # Its other checks may have pushed the exchange's permission out
-            # of the broker channel's cache: prove it again.
-            self.proven_body = -1
         self.proving = -1 if unsettled else largest_body
         self.probing = True
         self.write(rewrite_channel(_PROBE, self.uid_bytes))

@@ -45,7 +45,9 @@ def whole_publishes(draw) -> tuple[bytes, bytes, bytes]:
     exchange = draw(st.sampled_from(["", "amq.direct", "x"]))
     routing_key = draw(
         st.text(max_size=8)
-        | st.sampled_from(["amq.rabbitmq.reply-to", "amq.rabbitmq", "amq.rabbitmq."])
+        | st.sampled_from(
+            ["amq.rabbitmq.reply-to", "amq.rabbitmq", "amq.rabbitmq.", "amq.rabbitmq.reply-to.x.y"]
+        )
     )
     publish = commands.Basic.Publish(
         exchange=exchange,
