@@ -532,6 +532,26 @@ def test_a_whole_mandatory_publish_makes_its_channel_closed_at_the_broker(
     assert ready_count(queue_name) == 1
 
 
+def take_channels_then_resume(client: RawClient, relay: Relay, channels: range) -> list:
+    """With the relay stalled DOWN: `client` opens `channels`, a passive
+    declare on each; once the declares are upstream (the proxy has handed it
+    every channel), the relay resumes. The methods the client then gets."""
+    mark = relay.mark()
+    for channel in channels:
+        client.method(channel, commands.Channel.Open())
+        client.method(channel, commands.Exchange.Declare(exchange="amq.direct", passive=True))
+
+    def declares_upstream() -> bool:
+        declares = upstream_frames(
+            relay, lambda f: f.seq > mark and isinstance(f.method, commands.Exchange.Declare)
+        )
+        return len(declares) == len(channels)
+
+    wait_until(declares_upstream, what="the declares to go upstream")
+    relay.resume(DOWN)
+    return [client.read_method(timeout=10) for _ in range(2 * len(channels))]
+
+
 @pytest.mark.parametrize("leave", ["channel-close", "connection-close", "vanish"])
 def test_next_client_never_sees_a_departed_clients_404(
     fresh_amqplexd, relay, user, canary_for, leave
@@ -562,22 +582,7 @@ def test_next_client_never_sees_a_departed_clients_404(
         # More channels than the pool keeps idle: A's, had they gone back to
         # the idle set, would be among them.
         channels = range(1, 7)
-        mark = relay.mark()
-        for channel in channels:
-            b.method(channel, commands.Channel.Open())
-            b.method(channel, commands.Exchange.Declare(exchange="amq.direct", passive=True))
-
-        def b_declares_upstream() -> bool:
-            declares = upstream_frames(
-                relay,
-                lambda f: f.seq > mark and isinstance(f.method, commands.Exchange.Declare),
-            )
-            return len(declares) == len(channels)
-
-        # Once its declares are upstream, the proxy has handed B every channel.
-        wait_until(b_declares_upstream, what="B's declares to go upstream")
-        relay.resume(DOWN)
-        got = [b.read_method(timeout=10) for _ in range(2 * len(channels))]
+        got = take_channels_then_resume(b, relay, channels)
     finally:
         relay.resume(DOWN)
         b.close()

@@ -22,6 +22,7 @@ from tests.worker.test_channels import (
     amqp_connections,
     close_method,
     ready_count,
+    take_channels_then_resume,
     upstream_frames,
     wait_pool_warm,
 )
@@ -255,21 +256,7 @@ def test_a_publish_the_broker_refuses_is_probed_even_on_a_proven_channel(
             a.send(content_header + frame.marshal(pamqp_body.ContentBody(b"x"), 1))
             _leave(a)
         b.handshake(user.name, user.password)
-        channels = range(1, 4)
-        mark = relay.mark()
-        for channel in channels:
-            b.method(channel, commands.Channel.Open())
-            b.method(channel, commands.Exchange.Declare(exchange="amq.direct", passive=True))
-
-        def b_declares_upstream() -> bool:
-            declares = upstream_frames(
-                relay, lambda f: f.seq > mark and isinstance(f.method, commands.Exchange.Declare)
-            )
-            return len(declares) == len(channels)
-
-        wait_until(b_declares_upstream, what="B's declares to go upstream")
-        relay.resume(DOWN)
-        got = [b.read_method(timeout=10) for _ in range(2 * len(channels))]
+        got = take_channels_then_resume(b, relay, range(1, 4))
     finally:
         relay.resume(DOWN)
         b.close()
