@@ -39,6 +39,14 @@ class UpstreamConfig:
     connect_timeout: float = setting(
         10.0, "bound (s) on dialling and handshaking with the broker", minimum=0.1
     )
+    read_gather: float = setting(
+        0.001,
+        "after a small read from the broker that came within this long (s) of the one "
+        "before, wait this long before the next, so a stream of small deliveries arrives "
+        "in larger reads; 0 reads as soon as anything comes",
+        minimum=0,
+        maximum=0.1,
+    )
     exchange_types: list = setting(
         [],
         "exchange types from broker plugins (e.g. x-delayed-message) that clients may "
