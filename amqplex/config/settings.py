@@ -43,7 +43,7 @@ class UpstreamConfig:
         0.001,
         "after a small read from the broker that came within this long (s) of the one "
         "before, wait this long before the next, so a stream of small deliveries arrives "
-        "in larger reads; 0 reads as soon as anything comes",
+        "in larger reads (waits count whole milliseconds); 0 reads as soon as anything comes",
         minimum=0,
         maximum=0.1,
     )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
+import time
 import typing
 
 from pamqp import commands
@@ -114,10 +116,10 @@ class Upstream(asyncio.BufferedProtocol):
         self.idle_since: float | None = None
         self.paused = False
         self._last_read = loop.time()
-        # upstream.read_gather once serving (-1: never during the handshake),
-        # the configured one meanwhile; whether reading waits for it now.
-        self.read_gather = -1.0
-        self._read_gather = 0.0
+        # upstream.read_gather, once serving (0: never during the handshake);
+        # when the last small read came, and whether reading waits now.
+        self.read_gather = 0.0
+        self._small_read = -math.inf
         self._gathering = False
         self._handshake_frames: asyncio.Queue | None = asyncio.Queue()
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -188,7 +190,6 @@ class Upstream(asyncio.BufferedProtocol):
         self.channel_max = min(broker_channel_max, max_channels)
         self.frame_max = tune.frame_max or _HANDSHAKE_FRAME_MAX
         self.heartbeat = _negotiate(tune.heartbeat, config.heartbeat)
-        self._read_gather = config.read_gather
         self._send(
             commands.Connection.TuneOk(
                 channel_max=self.channel_max,
@@ -210,7 +211,7 @@ class Upstream(asyncio.BufferedProtocol):
         self.free_ids.extend(range(1, self.channel_max + 1))
         self.writer = BatchedWriter(self.transport, self.loop, interleave=True)
         self._handshake_frames = None
-        self.read_gather = self._read_gather
+        self.read_gather = pool.config.upstream.read_gather
         if self.heartbeat:
             self._heartbeat_timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
 
@@ -329,6 +330,24 @@ class Upstream(asyncio.BufferedProtocol):
                 if not self._gathering:
                     self.transport.resume_reading()
 
+    def _gather(self, nbytes: int) -> None:
+        """Small reads in quick succession: the broker is streaming in small
+        writes, and each read costs a wakeup, a read, an epoll wait and a
+        write to the client (on plain TCP; a TLS transport reads ahead
+        anyway). So the next read waits read_gather: 256 B deliveries came
+        9 to a read without it. The read that finds the stream is never
+        the one held. The clock is monotonic's, not the loop's: uvloop's
+        counts whole milliseconds."""
+        if nbytes >= GATHER_BELOW:
+            return
+        now = time.monotonic()
+        if now - self._small_read <= self.read_gather and not self._gathering:
+            self._gathering = True
+            self.transport.pause_reading()
+            # libuv's timers count whole milliseconds.
+            self.loop.call_later(max(self.read_gather, 0.001), self._gathered)
+        self._small_read = now
+
     def _gathered(self) -> None:
         self._gathering = False
         if not self._holders and not self.transport.is_closing():
@@ -353,20 +372,9 @@ class Upstream(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def buffer_updated(self, nbytes: int) -> None:
-        now = self.loop.time()
-        if (
-            nbytes < GATHER_BELOW
-            and now - self._last_read <= self.read_gather
-            and not self._gathering
-        ):
-            # Small reads in quick succession: the broker is streaming in
-            # small writes. Each read costs a wakeup and three system calls
-            # here and a write to the client, so let the next one gather:
-            # 256 B deliveries came 9 to a read without this.
-            self._gathering = True
-            self.transport.pause_reading()
-            self.loop.call_later(self.read_gather, self._gathered)
-        self._last_read = now
+        self._last_read = self.loop.time()
+        if self.read_gather:
+            self._gather(nbytes)
         try:
             if self._handshake_frames is not None:
                 for frame in self.reader.frames(nbytes):

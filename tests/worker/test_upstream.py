@@ -1,6 +1,6 @@
 """Reading from the broker (amqplex/worker/upstream.py): upstream.read_gather
-lets a stream of small deliveries gather between reads, and leaves a lone
-delivery alone."""
+lets a stream of small deliveries gather between reads, for read_gather at
+most, and never holds the read that finds the stream."""
 
 from __future__ import annotations
 
@@ -30,57 +30,42 @@ def delivery_times(client: RawClient, count: int) -> list[float]:
     return times
 
 
-def test_a_stream_of_small_deliveries_waits_between_reads(fresh_amqplexd, user, queue_name):
-    daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_READ_GATHER": str(GATHER)})
-    count = 3000
-    with pika.BlockingConnection(broker_params()) as admin:
-        channel = admin.channel()
-        channel.queue_declare(queue_name, auto_delete=True)
-        for n in range(count):
-            channel.basic_publish("", queue_name, b"%04d" % n)
-    with RawClient(daemon.port) as client:
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
-        consume(client, queue_name)
-        times = delivery_times(client, count)
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-    # The broker writes a backlog in small pieces: without the gathering the
-    # proxy passes them on as they come, with no gap near GATHER.
-    assert max(gaps) >= GATHER * 0.75, f"no read waited: the longest gap {max(gaps):.3f} s"
-
-
-def test_a_lone_delivery_is_not_held(fresh_amqplexd, user, queue_name):
-    daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_READ_GATHER": str(GATHER)})
+def held_deliveries(daemon, user, queue: str, pauses: list[float]) -> list[float]:
+    """Publish one message straight to the broker after each of `pauses`
+    (seconds, counted from the one before being delivered through
+    `daemon`): how long each took to arrive."""
     with pika.BlockingConnection(broker_params()) as admin, RawClient(daemon.port) as client:
         channel = admin.channel()
-        channel.queue_declare(queue_name, auto_delete=True)
+        channel.queue_declare(queue, auto_delete=True)
         client.handshake(user.name, user.password)
         client.open_channel(1)
-        consume(client, queue_name)
-        for n in range(5):
-            time.sleep(GATHER * 1.5)  # apart by more than the gathering window
+        consume(client, queue)
+        held = []
+        for n, pause in enumerate(pauses):
+            time.sleep(pause)
             sent = time.monotonic()
-            channel.basic_publish("", queue_name, b"%d" % n)
+            channel.basic_publish("", queue, b"%d" % n)
             (arrived,) = delivery_times(client, 1)
-            assert arrived - sent < GATHER * 0.75, f"delivery {n} held {arrived - sent:.3f} s"
+            held.append(arrived - sent)
+    return held
+
+
+def test_no_delivery_waits_that_did_not_follow_another_within_read_gather(
+    fresh_amqplexd, user, queue_name
+):
+    """Pairs: one after a quiet spell, read at once, starts no wait; the
+    next, 30 ms later, is then not held either: the read that finds the
+    stream is never the one held."""
+    daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_READ_GATHER": str(GATHER)})
+    held = held_deliveries(daemon, user, queue_name, [GATHER * 1.5, 0.03] * 5)
+    assert max(held) < GATHER / 2, f"held up to {max(held):.3f} s"
 
 
 def test_a_trickle_is_held_no_longer_than_read_gather(fresh_amqplexd, user, queue_name):
-    """Deliveries closer together than the window: reading waits after each
-    small read, and always resumes after read_gather."""
+    """Deliveries closer together than the window: reading waits after every
+    other small read (the one after a wait comes read_gather later), and
+    always resumes."""
     daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_READ_GATHER": str(GATHER)})
-    with pika.BlockingConnection(broker_params()) as admin, RawClient(daemon.port) as client:
-        channel = admin.channel()
-        channel.queue_declare(queue_name, auto_delete=True)
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
-        consume(client, queue_name)
-        held = []
-        for n in range(30):
-            sent = time.monotonic()
-            channel.basic_publish("", queue_name, b"%d" % n)
-            (arrived,) = delivery_times(client, 1)
-            held.append(arrived - sent)
-            time.sleep(GATHER / 5)
+    held = held_deliveries(daemon, user, queue_name, [GATHER / 5] * 30)
     assert max(held) < GATHER + 0.1, f"held up to {max(held):.3f} s"
     assert max(held) > GATHER / 2, "no read waited"
