@@ -69,6 +69,12 @@ MESSAGES_PUBLISHED = Counter("amqplex_messages_published", "Messages clients pub
 MESSAGES_DELIVERED = Counter(
     "amqplex_messages_delivered", "Messages delivered to clients (Basic.Deliver, Basic.GetOk)"
 )
+CHANNELS_RECYCLED = Counter(
+    "amqplex_channels_recycled",
+    "Upstream channels a client left for the next one, by whether a probe "
+    "(a Basic.Recover round trip) proved them clean first or quiet publishes let them skip it",
+    ["probe"],
+)
 SLOW_CLIENT_DISCONNECTS = Counter(
     "amqplex_slow_client_disconnects",
     "Clients closed for not reading their deliveries (client.stall_timeout)",

@@ -20,6 +20,8 @@ _COUNTERS = {
     "client_connections": metrics.CLIENT_CONNECTIONS,
     "authentication_failures": metrics.AUTHENTICATION_FAILURES,
     "slow_client_disconnects": metrics.SLOW_CLIENT_DISCONNECTS,
+    "channels_probed": metrics.CHANNELS_RECYCLED.labels(probe="sent"),
+    "channels_unprobed": metrics.CHANNELS_RECYCLED.labels(probe="skipped"),
     "upstream_reconnect_attempts": metrics.UPSTREAM_RECONNECT_ATTEMPTS,
     "messages_published": metrics.MESSAGES_PUBLISHED,
     "messages_delivered": metrics.MESSAGES_DELIVERED,

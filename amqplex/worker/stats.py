@@ -12,6 +12,9 @@ class Stats:
     client_connections: int = 0
     authentication_failures: int = 0
     slow_client_disconnects: int = 0
+    # Channels recycled after a probe, and at once (worker/quiet.py).
+    channels_probed: int = 0
+    channels_unprobed: int = 0
     upstream_reconnect_attempts: int = 0
     messages_published: int = 0
     messages_delivered: int = 0

@@ -171,9 +171,12 @@ class UpstreamChannel:
         proven_body octets; else probe it, and make it idle once the probe
         comes back clean."""
         self.detach()
+        pool = self.upstream.pool
         if not unsettled and largest_body <= self.proven_body:
-            self.upstream.pool.return_idle(self)
+            pool.worker.stats.channels_unprobed += 1
+            pool.return_idle(self)
             return
+        pool.worker.stats.channels_probed += 1
         self.proving = -1 if unsettled else largest_body
         self.probing = True
         self.write(rewrite_channel(_PROBE, self.uid_bytes))

@@ -15,6 +15,7 @@ from pamqp import commands, frame, header
 from amqplex.protocol import framing
 from amqplex.worker import quiet
 from tests.conftest import proxy_params
+from tests.master.test_status import scrape
 from tests.support.rawclient import RawClient
 from tests.support.relay import DOWN, UP
 from tests.support.waiting import wait_until
@@ -198,6 +199,18 @@ def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
                     skipped += 1
             assert seen == expected, f"upstream channel {channel}"
     assert skipped >= 5, "no channel was passed on without a probe"
+    probes = len(upstream_frames(relay, lambda f: isinstance(f.method, commands.Basic.Recover)))
+
+    def counted() -> dict[str, float] | None:
+        # Written once a second, one counter after the other: wait for both.
+        metrics = scrape(daemon.status_port)
+        sent = metrics.get("amqplex_channels_recycled_total{probe=sent}", 0)
+        unprobed = metrics.get("amqplex_channels_recycled_total{probe=skipped}", 0)
+        return metrics if sent >= probes and unprobed >= skipped else None
+
+    metrics = wait_until(counted, what="the recycled-channel counters")
+    assert metrics["amqplex_channels_recycled_total{probe=sent}"] == probes
+    assert metrics["amqplex_channels_recycled_total{probe=skipped}"] == skipped
 
 
 def _loud_header(**properties) -> bytes:
