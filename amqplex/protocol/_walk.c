@@ -386,11 +386,15 @@ fail:
 #define PUBLISH_ARGS (FRAME_HEADER_SIZE + 4 + 2) /* after the method index and ticket */
 #define CONTENT_HEADER_SIZE (FRAME_HEADER_SIZE + 14) /* class, weight, body size, flags */
 #define HEADERS_TABLE 0x2000
-/* quiet.py's CHECKED_PROPERTIES: headers, reply_to, expiration, user_id. */
-#define CHECKED_PROPERTIES 0x2310
+/* quiet.py's CHECKED_PROPERTIES: headers, reply_to, user_id. */
+#define CHECKED_PROPERTIES 0x2210
 #define CONTENT_TYPE 0x8000
 #define CONTENT_ENCODING 0x4000
 #define DELIVERY_MODE 0x1000
+#define PRIORITY 0x0800
+#define CORRELATION_ID 0x0400
+#define EXPIRATION 0x0100
+#define MAX_EXPIRATION_DIGITS 9 /* quiet.py's */
 #define RESERVED_KEYS "amq.rabbitmq."
 #define DIRECT_REPLY "amq.rabbitmq.reply-to." /* rules.py's _DIRECT_REPLY */
 
@@ -554,7 +558,7 @@ frame_on(PyObject *frames, Py_ssize_t i, long type, long channel)
 
 /* quiet.py's quiet_method and quiet_header, for a publish and header that
  * renumbered() took (header_body_size walked the property list, so
- * delivery_mode's octet is inside the frame). */
+ * every property's octets are inside the frame). */
 static int
 quiet(const unsigned char *method, const unsigned char *header)
 {
@@ -567,7 +571,7 @@ quiet(const unsigned char *method, const unsigned char *header)
     unsigned int flags = header[CONTENT_HEADER_SIZE - 2] << 8 | header[CONTENT_HEADER_SIZE - 1];
     if (flags & CHECKED_PROPERTIES)
         return 0;
-    if (!(flags & DELIVERY_MODE))
+    if (!(flags & (DELIVERY_MODE | EXPIRATION)))
         return 1;
     /* content_type and content_encoding come first (no headers table here) */
     Py_ssize_t pos = CONTENT_HEADER_SIZE;
@@ -575,7 +579,24 @@ quiet(const unsigned char *method, const unsigned char *header)
         pos += 1 + header[pos];
     if (flags & CONTENT_ENCODING)
         pos += 1 + header[pos];
-    return header[pos] == 1 || header[pos] == 2;
+    if (flags & DELIVERY_MODE) {
+        if (header[pos] != 1 && header[pos] != 2)
+            return 0;
+        pos += 1;
+    }
+    if (!(flags & EXPIRATION))
+        return 1;
+    if (flags & PRIORITY)
+        pos += 1;
+    if (flags & CORRELATION_ID)
+        pos += 1 + header[pos];
+    unsigned int size = header[pos]; /* no reply_to before it: that one is checked */
+    if (size == 0 || size > MAX_EXPIRATION_DIGITS)
+        return 0;
+    for (unsigned int i = 1; i <= size; i++)
+        if (header[pos + i] < '0' || header[pos + i] > '9')
+            return 0;
+    return 1;
 }
 
 PyDoc_STRVAR(whole_publishes_doc,

@@ -19,8 +19,9 @@ confirms or transactions that reaches no queue, or a full queue that
 rejects publishes, is dropped in silence.
 
 A publish to the default exchange, which always exists, is a direct
-exchange and is not internal, with none of those properties (delivery_mode
-1 or 2 only) and a routing key outside amq.rabbitmq.*, can fail only the
+exchange and is not internal, with none of those properties (but
+delivery_mode 1 or 2, and an expiration of one to nine digits) and a
+routing key outside amq.rabbitmq.*, can fail only the
 size and permission checks. The size limit is the same for a channel's
 whole life (the channel reads max_message_size when it opens), so once a
 probe has come back clean after such a publish on a channel, any later one
@@ -44,15 +45,18 @@ from pamqp import commands
 from amqplex.protocol.constants import FRAME_HEADER_SIZE
 from amqplex.protocol.content import LEADING_SHORT_STRINGS, property_flags
 
-# The properties RabbitMQ checks as it routes.
+# The properties RabbitMQ checks as it routes whose values are not read here.
 CHECKED_PROPERTIES = sum(
-    commands.Basic.Properties.flags[name]
-    for name in ("headers", "reply_to", "expiration", "user_id")
+    commands.Basic.Properties.flags[name] for name in ("headers", "reply_to", "user_id")
 )
+_FLAGS = commands.Basic.Properties.flags
+_DELIVERY_MODE, _PRIORITY = _FLAGS["delivery_mode"], _FLAGS["priority"]
+_CORRELATION_ID, _EXPIRATION = _FLAGS["correlation_id"], _FLAGS["expiration"]
+# An expiration RabbitMQ takes (it takes more: "+5", ten digits and up).
+_MAX_EXPIRATION_DIGITS = 9
 _RESERVED_KEYS = b"amq.rabbitmq."
 _EXCHANGE = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
 _PROPERTIES = FRAME_HEADER_SIZE + 14  # after class, weight, body size and flags
-_DELIVERY_MODE = commands.Basic.Properties.flags["delivery_mode"]
 
 
 def quiet_method(frame: bytes) -> bool:
@@ -67,14 +71,26 @@ def quiet_method(frame: bytes) -> bool:
 
 def quiet_header(frame: bytes) -> bool:
     """Whether a content header (check_header took it) carries none of the
-    properties the broker checks, and a delivery_mode, if any, of 1 or 2."""
+    properties the broker checks but a delivery_mode of 1 or 2 and an
+    expiration of one to nine digits."""
     flags = property_flags(frame)
     if flags & CHECKED_PROPERTIES:
         return False
-    if not flags & _DELIVERY_MODE:
+    if not flags & (_DELIVERY_MODE | _EXPIRATION):
         return True
     pos = _PROPERTIES
     for mask in LEADING_SHORT_STRINGS:  # then delivery_mode, with no headers table
         if flags & mask:
             pos += 1 + frame[pos]
-    return frame[pos] in (1, 2)
+    if flags & _DELIVERY_MODE:
+        if frame[pos] not in (1, 2):
+            return False
+        pos += 1
+    if not flags & _EXPIRATION:
+        return True
+    if flags & _PRIORITY:
+        pos += 1
+    if flags & _CORRELATION_ID:
+        pos += 1 + frame[pos]
+    size = frame[pos]  # no reply_to before it: that one is checked
+    return 0 < size <= _MAX_EXPIRATION_DIGITS and frame[pos + 1 : pos + 1 + size].isdigit()

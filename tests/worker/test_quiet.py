@@ -70,6 +70,7 @@ def test_properties_the_broker_does_not_check_are_quiet():
             message_id="m",
             message_type="t",
             app_id="a",
+            expiration="60000",
         )
     )
 
@@ -82,12 +83,48 @@ def test_properties_the_broker_does_not_check_are_quiet():
         {"reply_to": "amq.rabbitmq.reply-to"},
         {"reply_to": "any"},
         {"expiration": "soon"},
+        {"expiration": "1234567890"},  # RabbitMQ takes it; nine digits are enough
         {"user_id": "someone-else"},
     ],
-    ids=["empty-headers", "cc-header", "direct-reply-to", "reply-to", "expiration", "user-id"],
+    ids=[
+        "empty-headers",
+        "cc-header",
+        "direct-reply-to",
+        "reply-to",
+        "expiration",
+        "ten-digit-expiration",
+        "user-id",
+    ],
 )
 def test_properties_the_broker_checks_are_not_quiet(properties):
     assert not quiet.quiet_header(header_frame(**properties))
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {},
+        {"delivery_mode": 2},
+        {"content_type": "a", "delivery_mode": 1, "priority": 3, "correlation_id": "c-1"},
+        {"priority": 9},
+        {"correlation_id": "xyz"},
+    ],
+)
+@pytest.mark.parametrize(
+    "expiration", ["0", "60000", "999999999", "1e3", "+5", " 5", "soon", "1234567890"]
+)
+def test_only_expirations_of_one_to_nine_digits_are_quiet_in_python_and_compiled(
+    properties, expiration
+):
+    """RabbitMQ refuses an expiration that is not a number (406); the
+    compiled run says the same as quiet.py, whatever comes before it."""
+    content_header = header_frame(expiration=expiration, **properties)
+    expected = expiration.isdigit() and len(expiration) <= 9
+    assert quiet.quiet_header(content_header) is expected
+    body = frame.marshal(pamqp_body.ContentBody(b"abc"), 1)
+    frames = [(1, 1, method_frame()), (2, 1, content_header), (3, 1, body)]
+    _, end, _, unsettled, _ = framing._walk.whole_publishes(frames, 0, 1, b"\x00\x02")
+    assert (end, unsettled) == (3, not expected)
 
 
 def with_delivery_mode(mode: int, **properties) -> bytes:
@@ -164,11 +201,14 @@ def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
     wait_pool_warm(relay)
     wait_until(lambda: _probes_settled(relay), what="the setup channel's probe")
     sizes = [10, 10, 10, 100, 50, 100, 10, 200, 10, 10]
-    for size in sizes:
+    # Every other one with the properties a quiet publish may carry.
+    persistent = commands.Basic.Properties(delivery_mode=2, expiration="600000")
+    for n, size in enumerate(sizes):
         with RawClient(daemon.port) as client:
             client.handshake(user.name, user.password)
             client.open_channel(1)
-            client.publish(1, bytes(size), routing_key=queue_name)
+            properties = persistent if n % 2 else None
+            client.publish(1, bytes(size), routing_key=queue_name, properties=properties)
             _leave(client)
         # The next client takes a channel only once its probe, if any, is back.
         wait_until(lambda: _probes_settled(relay), what="a probe's RecoverOk")

@@ -65,7 +65,9 @@ def whole_publishes(draw) -> tuple[bytes, bytes, bytes]:
         priority=draw(st.none() | st.integers(0, 9)),
         correlation_id=draw(st.none() | st.text(max_size=5)),
         reply_to=draw(st.none() | st.text(max_size=5)),
-        expiration=draw(st.none() | st.sampled_from(["", "60000"])),
+        expiration=draw(
+            st.none() | st.sampled_from(["", "60000", "0", "1e3", "007", "1234567890", " 5"])
+        ),
         message_id=draw(st.none() | st.text(max_size=5)),
         timestamp=draw(st.none() | st.datetimes(min_value=datetime.datetime(2000, 1, 1))),
         message_type=draw(st.none() | st.text(max_size=5)),
