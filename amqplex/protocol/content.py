@@ -28,7 +28,7 @@ _LAYOUT = tuple(
 _KNOWN_FLAGS = sum(mask for mask, _ in _LAYOUT)
 _FLAGS_AT = FRAME_HEADER_SIZE + 12  # after class, weight and body size
 # The short strings the property list starts with, before the headers table.
-LEADING_SHORT_STRINGS = tuple(
+_LEADING_SHORT_STRINGS = tuple(
     commands.Basic.Properties.flags[name] for name in ("content_type", "content_encoding")
 )
 
@@ -67,15 +67,22 @@ def property_flags(frame: bytes) -> int:
     return frame[_FLAGS_AT] << 8 | frame[_FLAGS_AT + 1]
 
 
+def after_leading_strings(frame: bytes, flags: int) -> int:
+    """Where a content header's properties (check_header took the frame)
+    go on after content_type and content_encoding: the headers table, or
+    without one delivery_mode."""
+    pos = FRAME_HEADER_SIZE + _HEADER.size
+    for mask in _LEADING_SHORT_STRINGS:
+        if flags & mask:
+            pos += 1 + frame[pos]
+    return pos
+
+
 def header_entries(frame: bytes) -> list[tuple[str, object]]:
     """The entries of a content header's headers table (check_header took
     the frame, and it has one), in order, a name that repeats each time: the
     broker reads the first, where a dict would keep the last."""
-    pos = FRAME_HEADER_SIZE + _HEADER.size
-    flags = _HEADER.unpack_from(frame, FRAME_HEADER_SIZE)[3]
-    for mask in LEADING_SHORT_STRINGS:
-        if flags & mask:
-            pos += 1 + frame[pos]
+    pos = after_leading_strings(frame, property_flags(frame))
     end = pos + 4 + struct.unpack_from(">I", frame, pos)[0]
     pos += 4
     entries = []

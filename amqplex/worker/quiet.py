@@ -42,8 +42,8 @@ from __future__ import annotations
 
 from pamqp import commands
 
-from amqplex.protocol.constants import FRAME_HEADER_SIZE
-from amqplex.protocol.content import LEADING_SHORT_STRINGS, property_flags
+from amqplex.protocol.content import after_leading_strings, property_flags
+from amqplex.worker.rules import PUBLISH_ARGS
 
 # The properties RabbitMQ checks as it routes whose values are not read here.
 CHECKED_PROPERTIES = sum(
@@ -55,16 +55,14 @@ _CORRELATION_ID, _EXPIRATION = _FLAGS["correlation_id"], _FLAGS["expiration"]
 # An expiration RabbitMQ takes (it takes more: "+5", ten digits and up).
 _MAX_EXPIRATION_DIGITS = 9
 _RESERVED_KEYS = b"amq.rabbitmq."
-_EXCHANGE = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
-_PROPERTIES = FRAME_HEADER_SIZE + 14  # after class, weight, body size and flags
 
 
 def quiet_method(frame: bytes) -> bool:
     """Whether a Basic.Publish (check_publish took it) names the default
     exchange and a routing key outside the broker's own."""
-    if frame[_EXCHANGE]:
+    if frame[PUBLISH_ARGS]:
         return False
-    key = _EXCHANGE + 2
+    key = PUBLISH_ARGS + 2
     reserved = frame[key - 1] >= len(_RESERVED_KEYS) and frame.startswith(_RESERVED_KEYS, key)
     return not reserved
 
@@ -78,10 +76,7 @@ def quiet_header(frame: bytes) -> bool:
         return False
     if not flags & (_DELIVERY_MODE | _EXPIRATION):
         return True
-    pos = _PROPERTIES
-    for mask in LEADING_SHORT_STRINGS:  # then delivery_mode, with no headers table
-        if flags & mask:
-            pos += 1 + frame[pos]
+    pos = after_leading_strings(frame, flags)  # at delivery_mode: no headers table
     if flags & _DELIVERY_MODE:
         if frame[pos] not in (1, 2):
             return False

@@ -60,8 +60,11 @@ EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
 
 _PUBLISH_IDS = methods.ids(commands.Basic.Publish)
 _RECOVER = (commands.Basic.Recover, commands.Basic.RecoverAsync)
-_PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2  # after the method index and ticket
+# Where a Basic.Publish's arguments start: after the method index and ticket.
+PUBLISH_ARGS = FRAME_HEADER_SIZE + 4 + 2
 _HEADERS = commands.Basic.Properties.flags["headers"]
+# The names as a table encodes them (a length octet first).
+_CC, _BCC = b"\x02CC", b"\x03BCC"
 
 # Direct reply-to: on the default exchange, RabbitMQ (3.10) reads a routing
 # key (or a CC or BCC entry) under this prefix as <base64 of an Erlang pid
@@ -81,7 +84,7 @@ _HASHED_NODE = re.compile(rb"[^@]+@[0-9]+")
 def check_publish(frame: bytes) -> bool:
     """Basic.Publish without decoding it (two short strings, then the bits);
     returns whether it is mandatory."""
-    pos = _PUBLISH_ARGS
+    pos = PUBLISH_ARGS
     try:
         pos += 1 + frame[pos]  # exchange
         pos += 1 + frame[pos]  # routing key
@@ -94,8 +97,8 @@ def check_publish(frame: bytes) -> bool:
         )
     if bits & 0b10:
         raise ConnectionException(ReplyCode.NOT_IMPLEMENTED, "immediate=true", *_PUBLISH_IDS)
-    if frame[_PUBLISH_ARGS] == 0:  # the default exchange
-        check_direct_reply(frame[_PUBLISH_ARGS + 2 : pos])
+    if frame[PUBLISH_ARGS] == 0:  # the default exchange
+        check_direct_reply(frame[PUBLISH_ARGS + 2 : pos])
     return bool(bits & 0b01)
 
 
@@ -103,8 +106,10 @@ def check_header_routes(method_frame: bytes, header_frame: bytes) -> None:
     """The CC and BCC headers of a publish to the default exchange (both
     frames checked): their keys go where its routing key goes. The broker
     reads the first entry of each name and skips what is not a long string."""
-    if method_frame[_PUBLISH_ARGS] != 0 or not property_flags(header_frame) & _HEADERS:
+    if method_frame[PUBLISH_ARGS] != 0 or not property_flags(header_frame) & _HEADERS:
         return
+    if _CC not in header_frame and _BCC not in header_frame:
+        return  # no entry of either name: check_header has decoded the table once already
     seen = set()
     for name, keys in header_entries(header_frame):
         if name in ("CC", "BCC") and name not in seen:
