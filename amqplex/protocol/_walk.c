@@ -468,17 +468,17 @@ header_body_size(const unsigned char *p, Py_ssize_t len)
 
 /* The three frames on upstream channel `uid` (two octets) as one new bytes
  * object, or None (a new reference) if they are not a publish the check
- * vouches for; NULL with an error set only if memory ran out. */
+ * vouches for; NULL with an error set only if memory ran out. Of the body
+ * frame (body_len octets) the piece holds the first body_kept: all of it,
+ * or only its 7-byte header where its payload goes on as a view. */
 static PyObject *
-renumbered(PyObject *method_frame, PyObject *header_frame, PyObject *body_frame,
-           const unsigned char *uid)
+renumbered(PyObject *method_frame, PyObject *header_frame, const unsigned char *body,
+           Py_ssize_t body_len, Py_ssize_t body_kept, const unsigned char *uid)
 {
     const unsigned char *method = (const unsigned char *)PyBytes_AS_STRING(method_frame);
     const unsigned char *header = (const unsigned char *)PyBytes_AS_STRING(header_frame);
-    const unsigned char *body = (const unsigned char *)PyBytes_AS_STRING(body_frame);
     Py_ssize_t method_len = PyBytes_GET_SIZE(method_frame);
     Py_ssize_t header_len = PyBytes_GET_SIZE(header_frame);
-    Py_ssize_t body_len = PyBytes_GET_SIZE(body_frame);
     /* The length checks also keep every memcpy below at 0 octets or more
      * (publish_fits and header_body_size want longer frames still). */
     if (method_len < 3 || header_len < 3 || body_len < FRAME_OVERHEAD ||
@@ -487,12 +487,12 @@ renumbered(PyObject *method_frame, PyObject *header_frame, PyObject *body_frame,
     long long size = header_body_size(header, header_len);
     if (size <= 0 || size != body_len - FRAME_OVERHEAD)
         Py_RETURN_NONE;
-    PyObject *piece = PyBytes_FromStringAndSize(NULL, method_len + header_len + body_len);
+    PyObject *piece = PyBytes_FromStringAndSize(NULL, method_len + header_len + body_kept);
     if (piece == NULL)
         return NULL;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(piece);
     const unsigned char *frames[3] = {method, header, body};
-    Py_ssize_t lens[3] = {method_len, header_len, body_len};
+    Py_ssize_t lens[3] = {method_len, header_len, body_kept};
     for (int i = 0; i < 3; i++) {
         out[0] = frames[i][0];
         out[1] = uid[0];
@@ -522,8 +522,9 @@ whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (PyBytes_GET_SIZE(args[3]) != 2)
         Py_RETURN_NONE;
-    return renumbered(args[0], args[1], args[2],
-                      (const unsigned char *)PyBytes_AS_STRING(args[3]));
+    Py_ssize_t body_len = PyBytes_GET_SIZE(args[2]);
+    return renumbered(args[0], args[1], (const unsigned char *)PyBytes_AS_STRING(args[2]),
+                      body_len, body_len, (const unsigned char *)PyBytes_AS_STRING(args[3]));
 }
 
 /* Whether `value` is the exact int `wanted`: converting nothing else runs no
@@ -542,18 +543,43 @@ is_int(PyObject *value, long wanted)
 }
 
 /* frames[i] as (type, channel, frame) if it is one of cut()'s tuples with an
- * exact bytes frame of that type on that channel, else NULL (no error). */
+ * exact bytes frame (or, if views_too, a memoryview: a large body) of that
+ * type on that channel, else NULL (no error). */
 static PyObject *
-frame_on(PyObject *frames, Py_ssize_t i, long type, long channel)
+frame_on(PyObject *frames, Py_ssize_t i, long type, long channel, int views_too)
 {
     PyObject *item = PyList_GET_ITEM(frames, i);
     if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3)
         return NULL;
     PyObject *frame = PyTuple_GET_ITEM(item, 2);
-    if (!PyBytes_CheckExact(frame) || !is_int(PyTuple_GET_ITEM(item, 0), type) ||
-        !is_int(PyTuple_GET_ITEM(item, 1), channel))
+    if (!(PyBytes_CheckExact(frame) || (views_too && PyMemoryView_Check(frame))) ||
+        !is_int(PyTuple_GET_ITEM(item, 0), type) || !is_int(PyTuple_GET_ITEM(item, 1), channel))
         return NULL;
     return frame;
+}
+
+/* A body frame's octets: a bytes frame's own, or those a memoryview of
+ * octets (what cut() makes of a large body) shows; 0 and no error set for
+ * a view of anything else, or released. Release `buffer` after if 1. */
+static int
+body_octets(PyObject *body, Py_buffer *buffer)
+{
+    if (PyBytes_CheckExact(body)) {
+        buffer->obj = NULL;
+        buffer->buf = PyBytes_AS_STRING(body);
+        buffer->len = PyBytes_GET_SIZE(body);
+        return 1;
+    }
+    if (PyObject_GetBuffer(body, buffer, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (buffer->ndim != 1 || buffer->itemsize != 1 || buffer->strides[0] != 1 ||
+        strcmp(buffer->format, "B") != 0) {
+        PyBuffer_Release(buffer);
+        return 0;
+    }
+    return 1;
 }
 
 /* quiet.py's quiet_method and quiet_header, for a publish and header that
@@ -604,8 +630,9 @@ PyDoc_STRVAR(whole_publishes_doc,
              "-> (pieces, end, mandatory, unsettled, largest):\n"
              "whole_publish over the run of publishes on `channel` that starts at\n"
              "frames[start] (cut()'s tuples), each with its header and one body: their\n"
-             "pieces, the index after the last one taken, whether any was mandatory,\n"
-             "whether any was not quiet (quiet.py), and the largest body (-1 for none).\n"
+             "pieces (one a message, and a body cut() left a memoryview goes on as a\n"
+             "view of its payload after it), the index after the last one taken,\n"
+             "whether any was mandatory, whether any was not quiet (quiet.py), and the largest body (-1 for none).\n"
              "It stops at the first message whole_publish would not take.");
 
 static PyObject *
@@ -634,12 +661,28 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (start >= 0 && PyBytes_GET_SIZE(args[3]) == 2) {
         const unsigned char *uid = (const unsigned char *)PyBytes_AS_STRING(args[3]);
         while (start < PyList_GET_SIZE(frames) - 2) { /* no start + 2: it may overflow */
-            PyObject *method = frame_on(frames, start, FRAME_METHOD, channel);
-            PyObject *header = method ? frame_on(frames, start + 1, FRAME_HEADER, channel) : NULL;
-            PyObject *body = header ? frame_on(frames, start + 2, FRAME_BODY, channel) : NULL;
-            if (body == NULL)
+            PyObject *method = frame_on(frames, start, FRAME_METHOD, channel, 0);
+            PyObject *header =
+                method ? frame_on(frames, start + 1, FRAME_HEADER, channel, 0) : NULL;
+            PyObject *body = header ? frame_on(frames, start + 2, FRAME_BODY, channel, 1) : NULL;
+            Py_buffer octets;
+            if (body == NULL || !body_octets(body, &octets))
                 break;
-            PyObject *piece = renumbered(method, header, body, uid);
+            /* A view's payload stays where it was read: the piece ends with
+             * the body's 7-byte header and the payload follows it as a view,
+             * as retarget() hands a large body on. */
+            int viewed = octets.obj != NULL;
+            PyObject *piece = renumbered(method, header, octets.buf, octets.len,
+                                         viewed ? FRAME_HEADER_SIZE : octets.len, uid);
+            Py_ssize_t body_len = octets.len;
+            PyObject *payload = NULL;
+            if (piece != NULL && piece != Py_None && viewed) {
+                payload = PySequence_GetSlice(body, FRAME_HEADER_SIZE, body_len);
+                if (payload == NULL)
+                    Py_CLEAR(piece);
+            }
+            if (viewed)
+                PyBuffer_Release(&octets);
             if (piece == NULL) {
                 Py_DECREF(pieces);
                 return NULL;
@@ -650,6 +693,9 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             int failed = PyList_Append(pieces, piece);
             Py_DECREF(piece);
+            if (!failed && payload != NULL)
+                failed = PyList_Append(pieces, payload);
+            Py_XDECREF(payload);
             if (failed) {
                 Py_DECREF(pieces);
                 return NULL;
@@ -658,8 +704,8 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
             unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
                                 (const unsigned char *)PyBytes_AS_STRING(header));
-            if (PyBytes_GET_SIZE(body) - FRAME_OVERHEAD > largest)
-                largest = PyBytes_GET_SIZE(body) - FRAME_OVERHEAD;
+            if (body_len - FRAME_OVERHEAD > largest)
+                largest = body_len - FRAME_OVERHEAD;
             start += 3;
         }
     }

@@ -216,12 +216,13 @@ class ClientChannel:
     def publish_whole(self, frames: list, start: int) -> int:
         """The publishes from frames[start] whose content header and single
         body frame follow each, checked in the order from_client checks them
-        one by one and sent upstream one piece a message, for about a fifth
-        less CPU a message than frame by frame (whole_publish.py): how many
-        frames went. 0, having changed nothing, for anything else: those
-        frames then go through from_client. A streaming client's read holds
-        hundreds, checked and renumbered in one compiled call; the first one
-        that call refuses, if whole, is the reference's to take or refuse.
+        one by one and sent upstream one piece a message (and a large body's
+        payload, a view of the read, after it), for about a fifth less CPU a
+        message than frame by frame (whole_publish.py): how many frames
+        went. 0, having changed nothing, for anything else: those frames then
+        go through from_client. A streaming client's read holds hundreds,
+        checked and renumbered in one compiled call; the first one that call
+        refuses, if whole, is the reference's to take or refuse.
         It writes the messages itself: handing the frames to _send_content
         (and its retarget) gave most of the gain back (5.2-5.4 against
         4.5-4.7 us a message in alternating runs)."""
@@ -252,7 +253,7 @@ class ClientChannel:
             self.unsettled = True
         if largest > self.largest_body:
             self.largest_body = largest
-        self.session.worker.stats.messages_published += len(pieces)
+        self.session.worker.stats.messages_published += (end - start) // 3
         upstream = slot.upstream
         upstream.writer.write_many(pieces)
         if upstream.paused:

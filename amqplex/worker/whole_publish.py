@@ -5,8 +5,10 @@ onto the upstream channel as one piece.
 `reference_renumber` in Python is the reference; where setup.py built
 _walk.c, its compiled `whole_publishes` takes a read's run of the messages
 it can vouch for (a method, a property list without a headers table, one
-body frame that matches the announced size) and stops at the first other
-one, which is the reference's: it raises what the broker would for a bad
+body frame that matches the announced size; a large body, which cut()
+left a view of the read, goes on as a view of its payload after its
+message's piece, as framing.retarget hands it on) and stops at the first
+other one, which is the reference's: it raises what the broker would for a bad
 one, so the error texts live in one place. tests/worker/test_whole_publish.py
 checks the two against each other.
 """

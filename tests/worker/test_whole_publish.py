@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import struct
 
+import pika
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,9 @@ from pamqp import body, commands, frame, header
 from amqplex.protocol import constants, content, framing
 from amqplex.protocol.errors import ConnectionException
 from amqplex.worker import quiet, whole_publish
+from tests.conftest import broker_params
+from tests.support.rawclient import RawClient, body_frame
+from tests.support.waiting import wait_until
 
 _WIDTH_OF_KIND = {"shortstr": 0, "table": -1, "octet": 1, "timestamp": 8}
 
@@ -197,21 +201,28 @@ def runs_reference(
     """_walk.whole_publishes in Python: the run of publishes on `channel`
     from frames[start], each with its header and one body frame, as far as
     the compiled check takes them one by one; whether any was mandatory or
-    not quiet (quiet.py), and the largest body."""
+    not quiet (quiet.py), and the largest body. A body left a memoryview
+    (cut() leaves large ones so) goes on as a view of its payload after its
+    message's piece, which ends with the body's 7-byte header."""
     pieces = []
+    taken = []
     while start + 2 < len(frames):
         parts = frames[start : start + 3]
         if [(kind, on) for kind, on, _ in parts] != [(1, channel), (2, channel), (3, channel)]:
             break
         method, header, body = (frame for _, _, frame in parts)
-        if not all(type(frame) is bytes for frame in (method, header, body)):
+        if not (type(method) is type(header) is bytes and type(body) in (bytes, memoryview)):
             break
-        piece = framing._walk.whole_publish(method, header, body, uid)
+        piece = framing._walk.whole_publish(method, header, bytes(body), uid)
         if piece is None:
             break
-        pieces.append(piece)
+        if type(body) is memoryview:
+            payload = len(body) - constants.FRAME_HEADER_SIZE
+            pieces += [piece[:-payload], body[constants.FRAME_HEADER_SIZE :]]
+        else:
+            pieces.append(piece)
+        taken += [method, header, body]
         start += 3
-    taken = [frame for _, _, frame in frames[start - 3 * len(pieces) : start]]
     methods, headers, bodies = taken[::3], taken[1::3], taken[2::3]
     return (
         pieces,
@@ -233,15 +244,21 @@ def _as_cut(raw: bytes) -> tuple:
     st.lists(st.integers(0, 17), max_size=3),
     st.integers(1, 3),
     st.binary(min_size=2, max_size=2),
+    st.lists(st.booleans(), max_size=6),
 )
 def test_a_run_of_publishes_is_taken_as_the_check_takes_them_one_by_one(
-    messages, cuts, channel, uid
+    messages, cuts, channel, uid, viewed
 ):
     """Runs of publishes (mixed channels, bent ones, frames missing where
-    `cuts` says): the same pieces, the same stopping place, the same
-    mandatory and quiet flags and largest body as the one-message check and
-    quiet.py, from every starting index."""
+    `cuts` says, bodies left views where `viewed` says): the same pieces,
+    the same stopping place, the same mandatory and quiet flags and largest
+    body as the one-message check and quiet.py, from every starting index."""
     frames = [_as_cut(raw) for message in messages for raw in message]
+    bodies = [at for at, (kind, _, _) in enumerate(frames) if kind == constants.FRAME_BODY]
+    for at, view in zip(bodies, viewed, strict=False):  # as many views as drawn
+        if view:
+            kind, on, raw = frames[at]
+            frames[at] = (kind, on, memoryview(raw))
     for at in sorted(set(cuts), reverse=True):
         del frames[at : at + 1]
     for start in range(len(frames) + 1):
@@ -250,7 +267,7 @@ def test_a_run_of_publishes_is_taken_as_the_check_takes_them_one_by_one(
         )
 
 
-def test_a_run_stops_at_a_large_body_left_as_a_view_and_at_another_channel():
+def test_a_run_takes_a_body_left_as_a_view_as_a_view_and_stops_at_another_channel():
     def publish(channel: int) -> list[tuple]:
         raws = [
             frame.marshal(commands.Basic.Publish(routing_key="q"), channel),
@@ -260,12 +277,16 @@ def test_a_run_stops_at_a_large_body_left_as_a_view_and_at_another_channel():
         return [_as_cut(raw) for raw in raws]
 
     viewed = publish(1)
-    viewed[2] = (3, 1, memoryview(viewed[2][2]))
-    frames = publish(1) + publish(1) + viewed + publish(1)
+    read = bytearray(viewed[2][2])  # the payload must stay where it was read
+    viewed[2] = (3, 1, memoryview(read))
+    frames = publish(1) + viewed + publish(1)
     pieces, end, mandatory, unsettled, largest = framing._walk.whole_publishes(
         frames, 0, 1, b"\x00\x07"
     )
-    assert (len(pieces), end, mandatory, unsettled, largest) == (2, 6, False, False, 3)
+    assert (len(pieces), end, mandatory, unsettled, largest) == (4, 9, False, False, 3)
+    assert type(pieces[2]) is memoryview and pieces[2].obj is read
+    assert pieces[1].endswith(b"\x03\x00\x07\x00\x00\x00\x03")  # the body's header
+    assert b"".join(pieces) == 3 * b"".join(pieces[:1])
     assert framing._walk.whole_publishes(publish(1) + publish(2), 0, 1, b"\x00\x07")[1] == 3
 
 
@@ -301,3 +322,42 @@ def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
             run(*arguments)
     with pytest.raises(OverflowError):
         run(whole, 2**70, 1, b"\x00\x07")
+
+
+def test_large_messages_streamed_in_one_write_arrive_whole_and_in_order(amqplexd, queue_name):
+    """Bodies over LARGE_BODY come out of cut() as views of the read and go
+    upstream as views in the compiled run: a stream of them, some whole in
+    a read and some across reads, each body its own, reaches the queue
+    intact and in order (and a publish with a headers table among them,
+    which the run leaves to the frame-by-frame path, in its place)."""
+    size = 3 * framing.LARGE_BODY + 7
+    bodies = [bytes([n]) * size + b"%04d" % n for n in range(40)]
+    stream = b""
+    for n, payload in enumerate(bodies):
+        properties = commands.Basic.Properties(headers={"n": n} if n == 17 else None)
+        stream += frame.marshal(commands.Basic.Publish(routing_key=queue_name), 1)
+        stream += frame.marshal(header.ContentHeader(0, len(payload), properties), 1)
+        stream += body_frame(1, payload)
+    with RawClient(amqplexd.port) as client:
+        client.handshake()
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name))
+        client.expect(commands.Queue.DeclareOk)
+        client.send(stream)
+        client.method(1, commands.Channel.Close(200, "", 0, 0))
+        client.expect(commands.Channel.CloseOk)
+    connection = pika.BlockingConnection(broker_params())
+    try:
+        channel = connection.channel()
+        wait_until(
+            lambda: (
+                channel.queue_declare(queue_name, passive=True).method.message_count == len(bodies)
+            ),
+            what=f"{len(bodies)} messages in the queue",
+        )
+        got = []
+        while (message := channel.basic_get(queue_name, auto_ack=True))[0] is not None:
+            got.append(message[2])
+        assert got == bodies
+    finally:
+        connection.close()
