@@ -150,7 +150,7 @@ class ClientChannel:
         slot.attach(self)
         self.answer_open = answer_open
         if not answer_open:
-            self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
+            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
         if self.pending:
             uid = slot.uid_bytes
             frames = retarget(self.pending, uid)
@@ -161,7 +161,7 @@ class ClientChannel:
     def upstream_opened(self) -> None:
         if self.answer_open:
             self.answer_open = False
-            self.session.write(rewrite_channel(_OPEN_OK, self.cid_bytes))
+            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
 
     # -- client to broker ---------------------------------------------------------
 
@@ -380,14 +380,14 @@ class ClientChannel:
         slot = self.slot
         if slot is None:
             # Never reached the broker: nothing to close there.
-            self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
+            self.session.reply(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
         if self._reusable(slot):
             # Nothing to undo at the broker: answer at once, keep the channel.
             self.slot = None
             slot.recycle(self.unsettled, self.largest_body)
-            self.session.write(rewrite_channel(_CLOSE_OK, self.cid_bytes))
+            self.session.reply(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
         slot.client_close(rewrite_channel(frame, slot.uid_bytes))

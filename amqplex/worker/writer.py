@@ -63,6 +63,16 @@ class BatchedWriter:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
+    def write_now(self, data: bytes) -> None:
+        """write(), at once if nothing is waiting: for a reply that is all
+        its turn writes (a short-lived client's handshake, channel open and
+        close), which then needs no flush scheduled for it."""
+        if self._chunks:
+            self.write(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+            self.last_write = self._loop.time()
+
     def flush(self) -> None:
         self._scheduled = False
         chunks, self._chunks = self._chunks, []
