@@ -170,6 +170,9 @@ class Transport:
     def writelines(self, chunks: list) -> None:
         self.written.append(list(chunks))
 
+    def write(self, data: bytes) -> None:
+        self.written.append([data])
+
     def get_write_buffer_size(self) -> int:
         return 0
 
@@ -202,6 +205,22 @@ def test_a_small_flush_is_written_as_it_came(monkeypatch):
             batched.write(frame(1, 1 + tag % 2, tag))
         batched.flush()
         assert calls == [] and len(transport.written[0]) == 2 * TURN
+    finally:
+        loop.close()
+
+
+def test_a_reply_goes_at_once_when_nothing_waits_and_behind_what_does():
+    loop = asyncio.new_event_loop()
+    try:
+        transport = Transport()
+        batched = BatchedWriter(transport, loop)
+        batched.write_now(b"start")
+        assert transport.written == [[b"start"]]  # no flush was needed
+        batched.write(b"delivery")
+        batched.write_now(b"close-ok")
+        assert transport.written == [[b"start"]]
+        batched.flush()
+        assert transport.written == [[b"start"], [b"delivery", b"close-ok"]]
     finally:
         loop.close()
 
