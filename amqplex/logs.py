@@ -30,30 +30,44 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if not (record.exc_info or record.stack_info):
             return self.line(
-                record.created, record.levelname, record.name, record.getMessage(), fields
+                record.created,
+                int(record.msecs),
+                record.levelname,
+                record.name,
+                record.getMessage(),
+                fields,
             )
         record.process = procid.current()
         line = super().format(record)
         return line + " " + _pairs(fields) if fields else line
 
-    def line(self, created: float, levelname: str, name: str, message: str, fields: dict) -> str:
+    def line(
+        self,
+        created: float,
+        msecs: int,
+        levelname: str,
+        name: str,
+        message: str,
+        fields: dict | None,
+    ) -> str:
         """The line of a record made of these parts (no exception)."""
-        line = f"{self._asctime(created)} {procid.current()} {levelname} {name}: {message}"
+        line = f"{self._asctime(created, msecs)} {procid.current()} {levelname} {name}: {message}"
         return line + " " + _pairs(fields) if fields else line
 
-    def _asctime(self, created: float) -> str:
+    def _asctime(self, created: float, msecs: int) -> str:
         """As Formatter.formatTime writes it, the date and time made once a second."""
         second = int(created)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
-        return f"{self._stamp},{_msecs(created):03d}"
+        return f"{self._stamp},{msecs:03d}"
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = self.entry(
             record.created,
+            int(record.msecs),
             record.levelname,
             record.name,
             record.getMessage(),
@@ -63,14 +77,30 @@ class JSONFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
-    def line(self, created: float, levelname: str, name: str, message: str, fields: dict) -> str:
+    def line(
+        self,
+        created: float,
+        msecs: int,
+        levelname: str,
+        name: str,
+        message: str,
+        fields: dict | None,
+    ) -> str:
         """The line of a record made of these parts (no exception)."""
-        return json.dumps(self.entry(created, levelname, name, message, fields), default=str)
+        entry = self.entry(created, msecs, levelname, name, message, fields)
+        return json.dumps(entry, default=str)
 
-    def entry(self, created: float, levelname: str, name: str, message: str, fields: dict) -> dict:
+    def entry(
+        self,
+        created: float,
+        msecs: int,
+        levelname: str,
+        name: str,
+        message: str,
+        fields: dict | None,
+    ) -> dict:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-            + f".{_msecs(created):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z",
             "level": levelname.lower(),
             "logger": name,
             "pid": procid.current(),
@@ -81,7 +111,8 @@ class JSONFormatter(logging.Formatter):
 
 
 def _msecs(created: float) -> int:
-    """A record's msecs (LogRecord.__init__), as %03d writes them."""
+    """The milliseconds of a line that has no record, from its time (as
+    LogRecord.__init__ made a record's up to Python 3.12)."""
     return int((created - int(created)) * 1000)
 
 
@@ -92,15 +123,17 @@ class BufferedHandler(logging.handlers.MemoryHandler):
 
     The busiest lines are never records: defer() keeps their parts, and
     flush() has the target's formatter write each from them (line()), which
-    costs a churning worker a third of what making and formatting a record
-    does. A worker's loop thread is the only caller."""
+    costs a churning worker less than making and formatting a record does.
+    A worker's loop thread is the only caller."""
 
     def __init__(self, target: logging.Handler) -> None:
         super().__init__(capacity=512, flushLevel=logging.WARNING, target=target)
 
     def defer(self, logger: logging.Logger, level: int, message: str, fields: dict) -> None:
         # In self.buffer with the records, so that lines keep their order.
-        self.buffer.append((time.time(), logging.getLevelName(level), logger.name, message, fields))
+        created = time.time()
+        level_name = logging.getLevelName(level)
+        self.buffer.append((created, _msecs(created), level_name, logger.name, message, fields))
         if len(self.buffer) >= self.capacity:
             self.flush()
 
@@ -110,7 +143,9 @@ class BufferedHandler(logging.handlers.MemoryHandler):
         try:
             if self.buffer and self.target is not None:
                 target = self.target
-                line = getattr(target.formatter, "line", None)  # deferred lines: ours has it
+                # Deferred lines were the formatters' here (defer()); one set
+                # since then without line() gets them as text.
+                line = getattr(target.formatter, "line", _TEXT.line)
                 lines = [
                     line(*entry) if type(entry) is tuple else target.format(entry)
                     for entry in self.buffer
@@ -121,7 +156,7 @@ class BufferedHandler(logging.handlers.MemoryHandler):
                 except OSError:  # a closed or full stderr: as StreamHandler.emit does
                     first = self.buffer[0]
                     if type(first) is tuple:
-                        first = logging.makeLogRecord({"msg": first[3]})
+                        first = logging.makeLogRecord({"msg": first[4]})
                     self.handleError(first)
                 self.buffer.clear()
         finally:
@@ -171,7 +206,9 @@ def defer(logger: logging.Logger, level: int, message: str, fields: dict) -> Non
             isinstance(handler, BufferedHandler)
             and not handler.filters
             and level >= handler.level
-            and isinstance(handler.target.formatter, TextFormatter | JSONFormatter)
+            and isinstance(
+                getattr(handler.target, "formatter", None), TextFormatter | JSONFormatter
+            )
         ):
             handler.defer(logger, level, message, fields)
             return
@@ -181,6 +218,9 @@ def defer(logger: logging.Logger, level: int, message: str, fields: dict) -> Non
 def flush(logger_name: str) -> None:
     for handler in logging.getLogger(logger_name).handlers:
         handler.flush()
+
+
+_TEXT = TextFormatter()
 
 
 def _pairs(fields: dict) -> str:

@@ -3,6 +3,7 @@ long, how much and how it ended; text or JSON; never a password."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -109,7 +110,11 @@ def test_a_deferred_json_line_is_written_as_logging_would_write_it(buffered):
     logs.defer(logger, logging.INFO, "client session ended", fields)
     handler.flush()
     logged, deferred = (json.loads(line) for line in out.getvalue().splitlines())
-    assert logged.pop("time")[:17] == deferred.pop("time")[:17]  # the same minute, at least
+    moments = [
+        datetime.datetime.strptime(entry.pop("time"), "%Y-%m-%dT%H:%M:%S.%fZ")
+        for entry in (logged, deferred)
+    ]
+    assert abs(moments[1] - moments[0]) < datetime.timedelta(seconds=1)
     assert deferred == logged
     assert deferred["close_text"] == "bye now" and deferred["level"] == "info"
 
@@ -127,6 +132,21 @@ def test_a_deferred_line_is_never_made_a_record(buffered):
         logging.setLogRecordFactory(factory)
     assert len(made) == 1
     assert out.getvalue().splitlines()[0].endswith("client session ended user=guest")
+
+
+def test_a_batch_that_cannot_be_written_is_reported_with_its_first_line(buffered, monkeypatch):
+    logger, handler, out = buffered("unwritable")
+    reported = []
+    monkeypatch.setattr(handler, "handleError", reported.append)
+
+    def refuse(text: str) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(out, "write", refuse)
+    logs.defer(logger, logging.INFO, "client session ended", {})
+    handler.flush()
+    assert [record.getMessage() for record in reported] == ["client session ended"]
+    assert handler.buffer == []
 
 
 def test_a_deferred_line_keeps_the_time_it_was_deferred_at(buffered, monkeypatch):

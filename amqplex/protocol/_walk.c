@@ -467,10 +467,10 @@ header_body_size(const unsigned char *p, Py_ssize_t len)
 }
 
 /* The three frames on upstream channel `uid` (two octets) as one new bytes
- * object, or None (a new reference) if they are not a publish the check
- * vouches for; NULL with an error set only if memory ran out. Of the body
- * frame (body_len octets) the piece holds the first body_kept: all of it,
- * or only its 7-byte header where its payload goes on as a view. */
+ * object, the piece (of the body frame, body_len octets, it holds the
+ * first body_kept: all of it, or only its 7-byte header where its payload
+ * goes on as a view), or None (a new reference) if they are not a publish
+ * the check vouches for; NULL with an error set only if memory ran out. */
 static PyObject *
 renumbered(PyObject *method_frame, PyObject *header_frame, const unsigned char *body,
            Py_ssize_t body_len, Py_ssize_t body_kept, const unsigned char *uid)
@@ -632,7 +632,8 @@ PyDoc_STRVAR(whole_publishes_doc,
              "frames[start] (cut()'s tuples), each with its header and one body: their\n"
              "pieces (one a message, and a body cut() left a memoryview goes on as a\n"
              "view of its payload after it), the index after the last one taken,\n"
-             "whether any was mandatory, whether any was not quiet (quiet.py), and the largest body (-1 for none).\n"
+             "whether any was mandatory, whether any was not quiet (quiet.py), and the\n"
+             "largest body (-1 for none).\n"
              "It stops at the first message whole_publish would not take.");
 
 static PyObject *
@@ -674,25 +675,34 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             int viewed = octets.obj != NULL;
             PyObject *piece = renumbered(method, header, octets.buf, octets.len,
                                          viewed ? FRAME_HEADER_SIZE : octets.len, uid);
-            Py_ssize_t body_len = octets.len;
+            if (piece == Py_None) {
+                Py_DECREF(piece);
+                if (viewed)
+                    PyBuffer_Release(&octets);
+                break;
+            }
+            if (piece != NULL) {
+                /* Read before the payload's view is made: a GC-tracked
+                 * object, whose allocation may run a collection, and
+                 * method and header are borrowed from the list. (octets
+                 * holds the body.) The bits octet before the frame end:
+                 * mandatory is its lowest. */
+                mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
+                unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
+                                    (const unsigned char *)PyBytes_AS_STRING(header));
+                if (octets.len - FRAME_OVERHEAD > largest)
+                    largest = octets.len - FRAME_OVERHEAD;
+            }
             PyObject *payload = NULL;
-            if (piece != NULL && piece != Py_None && viewed) {
-                payload = PySequence_GetSlice(body, FRAME_HEADER_SIZE, body_len);
+            if (piece != NULL && viewed) {
+                payload = PySequence_GetSlice(body, FRAME_HEADER_SIZE, octets.len);
                 if (payload == NULL)
                     Py_CLEAR(piece);
             }
             if (viewed)
                 PyBuffer_Release(&octets);
-            if (piece == NULL) {
-                Py_DECREF(pieces);
-                return NULL;
-            }
-            if (piece == Py_None) {
-                Py_DECREF(piece);
-                break;
-            }
-            int failed = PyList_Append(pieces, piece);
-            Py_DECREF(piece);
+            int failed = piece == NULL || PyList_Append(pieces, piece);
+            Py_XDECREF(piece);
             if (!failed && payload != NULL)
                 failed = PyList_Append(pieces, payload);
             Py_XDECREF(payload);
@@ -700,12 +710,6 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(pieces);
                 return NULL;
             }
-            /* The bits octet before the frame end: mandatory is its lowest. */
-            mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
-            unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
-                                (const unsigned char *)PyBytes_AS_STRING(header));
-            if (body_len - FRAME_OVERHEAD > largest)
-                largest = body_len - FRAME_OVERHEAD;
             start += 3;
         }
     }

@@ -463,8 +463,9 @@ class ClientSession(asyncio.Protocol):
 
     def reply(self, frame: bytes) -> None:
         """An answer the proxy gives itself (the handshake's, a channel's
-        open and close): a short-lived client's turn writes nothing else,
-        so it goes at once unless frames are waiting (BatchedWriter.write_now)."""
+        open and close, Connection.CloseOk): a short-lived client's turn
+        writes nothing else, so it goes at once unless frames are waiting
+        (BatchedWriter.write_now)."""
         self.worker.stats.frames_to_clients += 1
         self.bytes_out += len(frame)
         self.writer.write_now(frame)
@@ -569,7 +570,7 @@ class ClientSession(asyncio.Protocol):
             self.writer.flush()
             self.transport.close()
         elif index == commands.Connection.Close.index:
-            self.write(_CLOSE_OK)
+            self.reply(_CLOSE_OK)
             self.state = State.CLOSED
             self.writer.flush()
             self.transport.close()

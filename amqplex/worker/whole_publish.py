@@ -55,5 +55,5 @@ else:
 
     def renumber_run(
         frames: list, start: int, channel: int, uid: bytes
-    ) -> tuple[list[bytes], int, bool, bool, int]:
+    ) -> tuple[list[bytes | memoryview], int, bool, bool, int]:
         return [], start, False, False, -1  # each message by the reference

@@ -1,6 +1,7 @@
 """Batched writes: every frame written during one loop turn leaves in one
 call to the transport (one writev), instead of a syscall per frame; on an
-upstream, with the channels of that turn taking turns (interleaved)."""
+upstream, with the channels of that turn taking turns (interleaved). A
+reply that is all its turn writes may go at once (write_now)."""
 
 import asyncio
 import itertools
@@ -94,8 +95,8 @@ def interleaved(chunks: list) -> list:
     any other method frame is a fence that nothing crosses.
 
     A chunk is a whole frame or message as bytes, or, after a large body's
-    7-byte header, that body's payload as a memoryview (framing.retarget):
-    what every writer of an upstream hands over."""
+    7-byte header, that body's payload as a memoryview (framing.retarget,
+    whole_publish): what every writer of an upstream hands over."""
     out: list = []
     segment: list = []
     for chunk in chunks:

@@ -197,7 +197,7 @@ def test_whole_publish_leaves_a_headers_table_to_the_reference():
 
 def runs_reference(
     frames: list, start: int, channel: int, uid: bytes
-) -> tuple[list[bytes], int, bool, bool, int]:
+) -> tuple[list[bytes | memoryview], int, bool, bool, int]:
     """_walk.whole_publishes in Python: the run of publishes on `channel`
     from frames[start], each with its header and one body frame, as far as
     the compiled check takes them one by one; whether any was mandatory or
@@ -290,11 +290,25 @@ def test_a_run_takes_a_body_left_as_a_view_as_a_view_and_stops_at_another_channe
     assert framing._walk.whole_publishes(publish(1) + publish(2), 0, 1, b"\x00\x07")[1] == 3
 
 
+def _strided(raw: bytes) -> memoryview:
+    """A view showing `raw`'s octets, every other one of its buffer's."""
+    view = memoryview(bytes(octet for pair in zip(raw, raw, strict=True) for octet in pair))[::2]
+    assert view == raw
+    return view
+
+
+def _released(raw: bytes) -> memoryview:
+    view = memoryview(raw)
+    view.release()
+    return view
+
+
 def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
     """Whatever the list holds or the arguments say, the compiled run takes
     no message it cannot vouch for, raises for no frame, and leaves no error
     set: a start outside the list, a uid not two octets, items that are not
-    cut()'s (type, channel, bytes) triples, ints that only look like them."""
+    cut()'s (type, channel, bytes) triples, ints that only look like them,
+    a body that is a view of anything but octets in a row, or released."""
     whole = [
         _as_cut(frame.marshal(commands.Basic.Publish(routing_key="q"), 1)),
         _as_cut(frame.marshal(header.ContentHeader(0, 3, commands.Basic.Properties()), 1)),
@@ -315,6 +329,14 @@ def test_a_run_takes_nothing_from_what_is_not_a_run_of_cut_tuples():
         ([(t, bool(c), f) for t, c, f in whole], 0, b"\x00\x07"),  # True == 1, not an int
         ([(t, c + 2**64, f) for t, c, f in whole], 0, b"\x00\x07"),
         ([(t, 2**70, f) for t, _, f in whole], 0, b"\x00\x07"),
+        (whole[:2] + [(3, 1, _released(whole[2][2]))], 0, b"\x00\x07"),
+        (whole[:2] + [(3, 1, memoryview(whole[2][2]).cast("c"))], 0, b"\x00\x07"),
+        (whole[:2] + [(3, 1, _strided(whole[2][2]))], 0, b"\x00\x07"),
+        (
+            whole[:2] + [(3, 1, memoryview(whole[2][2]).cast("B", (1, len(whole[2][2]))))],
+            0,
+            b"\x00\x07",
+        ),
     ):
         assert run(frames, start, 1, uid) == ([], start, False, False, -1), (frames, start, uid)
     for arguments in ((whole, 0, 1), (tuple(whole), 0, 1, b"\x00\x07"), (whole, 0, 1, "ab")):

@@ -214,8 +214,10 @@ def test_a_reply_goes_at_once_when_nothing_waits_and_behind_what_does():
     try:
         transport = Transport()
         batched = BatchedWriter(transport, loop)
+        batched.last_write = 0.0
         batched.write_now(b"start")
         assert transport.written == [[b"start"]]  # no flush was needed
+        assert batched.last_write > 0  # the heartbeat tick sees it
         batched.write(b"delivery")
         batched.write_now(b"close-ok")
         assert transport.written == [[b"start"]]
