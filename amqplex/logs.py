@@ -11,10 +11,34 @@ import logging
 import logging.handlers
 import sys
 import time
+import typing
 
 from amqplex import procid
 
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+
+
+class Parts(typing.NamedTuple):
+    """What a line is made of (no exception): a record's, or a deferred
+    line's, which never becomes one (BufferedHandler)."""
+
+    created: float
+    msecs: int
+    levelname: str
+    name: str
+    message: str
+    fields: dict | None
+
+    @classmethod
+    def of(cls, record: logging.LogRecord) -> Parts:
+        return cls(
+            record.created,
+            int(record.msecs),
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            getattr(record, "fields", None),
+        )
 
 
 class TextFormatter(logging.Formatter):
@@ -27,32 +51,19 @@ class TextFormatter(logging.Formatter):
         self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None)
         if not (record.exc_info or record.stack_info):
-            return self.line(
-                record.created,
-                int(record.msecs),
-                record.levelname,
-                record.name,
-                record.getMessage(),
-                fields,
-            )
+            return self.line(Parts.of(record))
         record.process = procid.current()
         line = super().format(record)
+        fields = getattr(record, "fields", None)
         return line + " " + _pairs(fields) if fields else line
 
-    def line(
-        self,
-        created: float,
-        msecs: int,
-        levelname: str,
-        name: str,
-        message: str,
-        fields: dict | None,
-    ) -> str:
-        """The line of a record made of these parts (no exception)."""
-        line = f"{self._asctime(created, msecs)} {procid.current()} {levelname} {name}: {message}"
-        return line + " " + _pairs(fields) if fields else line
+    def line(self, parts: Parts) -> str:
+        line = (
+            f"{self._asctime(parts.created, parts.msecs)} {procid.current()} "
+            f"{parts.levelname} {parts.name}: {parts.message}"
+        )
+        return line + " " + _pairs(parts.fields) if parts.fields else line
 
     def _asctime(self, created: float, msecs: int) -> str:
         """As Formatter.formatTime writes it, the date and time made once a second."""
@@ -65,48 +76,24 @@ class TextFormatter(logging.Formatter):
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = self.entry(
-            record.created,
-            int(record.msecs),
-            record.levelname,
-            record.name,
-            record.getMessage(),
-            getattr(record, "fields", None),
-        )
+        entry = self.entry(Parts.of(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
-    def line(
-        self,
-        created: float,
-        msecs: int,
-        levelname: str,
-        name: str,
-        message: str,
-        fields: dict | None,
-    ) -> str:
-        """The line of a record made of these parts (no exception)."""
-        entry = self.entry(created, msecs, levelname, name, message, fields)
-        return json.dumps(entry, default=str)
+    def line(self, parts: Parts) -> str:
+        return json.dumps(self.entry(parts), default=str)
 
-    def entry(
-        self,
-        created: float,
-        msecs: int,
-        levelname: str,
-        name: str,
-        message: str,
-        fields: dict | None,
-    ) -> dict:
+    def entry(self, parts: Parts) -> dict:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z",
-            "level": levelname.lower(),
-            "logger": name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(parts.created))
+            + f".{parts.msecs:03d}Z",
+            "level": parts.levelname.lower(),
+            "logger": parts.name,
             "pid": procid.current(),
-            "message": message,
+            "message": parts.message,
         }
-        entry.update(fields or {})
+        entry.update(parts.fields or {})
         return entry
 
 
@@ -133,7 +120,9 @@ class BufferedHandler(logging.handlers.MemoryHandler):
         # In self.buffer with the records, so that lines keep their order.
         created = time.time()
         level_name = logging.getLevelName(level)
-        self.buffer.append((created, _msecs(created), level_name, logger.name, message, fields))
+        self.buffer.append(
+            Parts(created, _msecs(created), level_name, logger.name, message, fields)
+        )
         if len(self.buffer) >= self.capacity:
             self.flush()
 
@@ -147,7 +136,7 @@ class BufferedHandler(logging.handlers.MemoryHandler):
                 # since then without line() gets them as text.
                 line = getattr(target.formatter, "line", _TEXT.line)
                 lines = [
-                    line(*entry) if type(entry) is tuple else target.format(entry)
+                    line(entry) if type(entry) is Parts else target.format(entry)
                     for entry in self.buffer
                 ]
                 try:
@@ -155,8 +144,8 @@ class BufferedHandler(logging.handlers.MemoryHandler):
                     target.stream.flush()
                 except OSError:  # a closed or full stderr: as StreamHandler.emit does
                     first = self.buffer[0]
-                    if type(first) is tuple:
-                        first = logging.makeLogRecord({"msg": first[4]})
+                    if type(first) is Parts:
+                        first = logging.makeLogRecord({"msg": first.message})
                     self.handleError(first)
                 self.buffer.clear()
         finally:
