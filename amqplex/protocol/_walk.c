@@ -467,10 +467,10 @@ header_body_size(const unsigned char *p, Py_ssize_t len)
 }
 
 /* The three frames on upstream channel `uid` (two octets) as one new bytes
- * object, the piece (of the body frame, body_len octets, it holds the
- * first body_kept: all of it, or only its 7-byte header where its payload
- * goes on as a view), or None (a new reference) if they are not a publish
- * the check vouches for; NULL with an error set only if memory ran out. */
+ * object, or None (a new reference) if they are not a publish the check
+ * vouches for; NULL with an error set only if memory ran out. Of the body
+ * frame (body_len octets) the piece holds the first body_kept: all of it,
+ * or its 7-byte header alone where the payload goes on as a view. */
 static PyObject *
 renumbered(PyObject *method_frame, PyObject *header_frame, const unsigned char *body,
            Py_ssize_t body_len, Py_ssize_t body_kept, const unsigned char *uid)
@@ -675,36 +675,33 @@ whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             int viewed = octets.obj != NULL;
             PyObject *piece = renumbered(method, header, octets.buf, octets.len,
                                          viewed ? FRAME_HEADER_SIZE : octets.len, uid);
-            if (piece == Py_None) {
-                Py_DECREF(piece);
+            if (piece == NULL || piece == Py_None) {
                 if (viewed)
                     PyBuffer_Release(&octets);
+                if (piece == NULL) {
+                    Py_DECREF(pieces);
+                    return NULL;
+                }
+                Py_DECREF(piece);
                 break;
             }
-            if (piece != NULL) {
-                /* Read before the payload's view is made: a GC-tracked
-                 * object, whose allocation may run a collection, and
-                 * method and header are borrowed from the list. (octets
-                 * holds the body.) The bits octet before the frame end:
-                 * mandatory is its lowest. */
-                mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
-                unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
-                                    (const unsigned char *)PyBytes_AS_STRING(header));
-                if (octets.len - FRAME_OVERHEAD > largest)
-                    largest = octets.len - FRAME_OVERHEAD;
-            }
+            /* Read before the payload's view is made: a GC-tracked object,
+             * whose allocation may run a collection, and method and header
+             * are borrowed from the list (octets holds the body). The bits
+             * octet before the frame end: mandatory is its lowest. */
+            mandatory |= PyBytes_AS_STRING(method)[PyBytes_GET_SIZE(method) - 2] & 0x01;
+            unsettled |= !quiet((const unsigned char *)PyBytes_AS_STRING(method),
+                                (const unsigned char *)PyBytes_AS_STRING(header));
+            if (octets.len - FRAME_OVERHEAD > largest)
+                largest = octets.len - FRAME_OVERHEAD;
             PyObject *payload = NULL;
-            if (piece != NULL && viewed) {
+            if (viewed) {
                 payload = PySequence_GetSlice(body, FRAME_HEADER_SIZE, octets.len);
-                if (payload == NULL)
-                    Py_CLEAR(piece);
-            }
-            if (viewed)
                 PyBuffer_Release(&octets);
-            int failed = piece == NULL || PyList_Append(pieces, piece);
-            Py_XDECREF(piece);
-            if (!failed && payload != NULL)
-                failed = PyList_Append(pieces, payload);
+            }
+            int failed = (viewed && payload == NULL) || PyList_Append(pieces, piece) < 0 ||
+                         (payload != NULL && PyList_Append(pieces, payload) < 0);
+            Py_DECREF(piece);
             Py_XDECREF(payload);
             if (failed) {
                 Py_DECREF(pieces);
