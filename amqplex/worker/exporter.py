@@ -59,7 +59,19 @@ class Exporter:
             if delta:
                 metrics.CLIENT_ERRORS.labels(code=str(code)).inc(delta)
                 sent.client_errors[code] = count
+        self._handshakes()
         self._gauges()
+
+    def _handshakes(self) -> None:
+        stats, sent = self.worker.stats, self._sent
+        counts = [
+            now - before for now, before in zip(stats.handshakes, sent.handshakes, strict=True)
+        ]
+        if any(counts):
+            seconds = stats.handshake_seconds - sent.handshake_seconds
+            metrics.add_observations(metrics.CLIENT_HANDSHAKE_SECONDS, counts, seconds)
+            sent.handshakes = list(stats.handshakes)
+            sent.handshake_seconds = stats.handshake_seconds
 
     def _gauges(self) -> None:
         pools = list(self.worker.pools)

@@ -18,7 +18,7 @@ import typing
 
 from pamqp import commands
 
-from amqplex import logs, metrics
+from amqplex import logs
 from amqplex.protocol import methods
 from amqplex.protocol.auth import Credentials, parse_response
 from amqplex.protocol.constants import (
@@ -337,7 +337,7 @@ class ClientSession(asyncio.Protocol):
         self.state = State.RUNNING
         self._timer.cancel()
         self.reply(_OPEN_OK)
-        metrics.CLIENT_HANDSHAKE_SECONDS.observe(self.loop.time() - self.started)
+        self.worker.stats.handshake_done(self.loop.time() - self.started)
         pool.session_joined(self)
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)

@@ -4,7 +4,10 @@ off the hot path."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+
+from amqplex.metrics import HANDSHAKE_BUCKETS
 
 
 @dataclasses.dataclass(slots=True)
@@ -26,6 +29,12 @@ class Stats:
     bytes_to_clients: int = 0
     # Connection.Close reply codes the proxy sent clients, by code.
     client_errors: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Handshakes by how long they took, counted by HANDSHAKE_BUCKETS bucket
+    # (the last: over every bound), and their seconds summed.
+    handshakes: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * (len(HANDSHAKE_BUCKETS) + 1)
+    )
+    handshake_seconds: float = 0.0
 
     def client_error(self, code: int) -> None:
         self.client_errors[code] = self.client_errors.get(code, 0) + 1
@@ -33,3 +42,7 @@ class Stats:
     def session_ended(self, bytes_in: int, bytes_out: int) -> None:
         self.bytes_from_clients += bytes_in
         self.bytes_to_clients += bytes_out
+
+    def handshake_done(self, seconds: float) -> None:
+        self.handshakes[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        self.handshake_seconds += seconds

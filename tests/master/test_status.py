@@ -61,6 +61,7 @@ def test_not_ready_when_the_broker_cannot_be_reached(fresh_amqplexd):
 
 
 def test_active_clients_counts_clients_across_workers_then_returns_to_zero(daemon):
+    handshakes = scrape(daemon.status_port).get("amqplex_client_handshake_seconds_count", 0)
     connections = [pika.BlockingConnection(proxy_params(daemon.port)) for _ in range(12)]
     for connection in connections:
         connection.channel()
@@ -68,6 +69,11 @@ def test_active_clients_counts_clients_across_workers_then_returns_to_zero(daemo
     metrics = scrape(daemon.status_port)
     assert metrics["amqplex_channels_used"] >= 12
     assert metrics["amqplex_client_connections_total"] >= 12
+    # Each handshake timed, in the bulk the exporter hands on.
+    assert wait_until(
+        lambda: scrape(daemon.status_port)["amqplex_client_handshake_seconds_count"]
+        >= handshakes + 12
+    )
     # Both workers took some: each one's upstream shows up.
     assert metrics["amqplex_upstream_connections"] >= 1
     for connection in connections:
