@@ -486,8 +486,12 @@ class Pools:
 
     def logged_in(self, credentials: Credentials) -> bool:
         """Whether an open upstream was logged in with exactly these credentials."""
-        pools = self._by_credentials.get(credentials, {})
-        return any(pool.upstreams for pool in pools.values())
+        pools = self._by_credentials.get(credentials)
+        if pools is not None:
+            for pool in pools.values():  # a loop: no generator for every client
+                if pool.upstreams:
+                    return True
+        return False
 
     def ready(self, credentials: Credentials, vhost: str) -> Pool | None:
         """The pool for these credentials and vhost, if it has an open upstream."""

@@ -19,6 +19,7 @@ from amqplex.protocol import methods
 from amqplex.protocol.auth import MECHANISMS
 from amqplex.protocol.constants import ReplyCode
 from amqplex.worker import memory
+from amqplex.worker.deadlines import HandshakeDeadlines
 from amqplex.worker.exporter import Exporter
 from amqplex.worker.gate import Gate
 from amqplex.worker.pool import Pools
@@ -75,6 +76,7 @@ class Worker:
         self.connection_methods = methods.DecodeCache(HANDSHAKE_CACHE_SIZE)
         self._tasks: set[asyncio.Task] = set()
         self.gate: Gate | None = None
+        self.handshakes: HandshakeDeadlines | None = None
 
     def spawn(self, coroutine: typing.Coroutine) -> asyncio.Task:
         """Run a background task the worker keeps a reference to."""
@@ -124,6 +126,7 @@ class Worker:
 
     async def start(self, listener: socket.socket, seat: Seat | None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.handshakes = HandshakeDeadlines(self.loop, self.config.client.handshake_timeout)
         try:
             self.server_properties = await fetch_server_properties(self.config.upstream)
             self._encode_handshake()

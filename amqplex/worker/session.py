@@ -125,7 +125,7 @@ class ClientSession(asyncio.Protocol):
         self.writer = BatchedWriter(transport, self.loop)
         self.worker.stats.client_connections += 1
         self.worker.session_began(self)
-        self._timer = self.loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+        self.worker.handshakes.add(self, self.started)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
@@ -335,7 +335,7 @@ class ClientSession(asyncio.Protocol):
         self.pool = pool
         self.worker.running += 1
         self.state = State.RUNNING
-        self._timer.cancel()
+        self.worker.handshakes.discard(self)
         self.reply(_OPEN_OK)
         self.worker.stats.handshake_done(self.loop.time() - self.started)
         pool.session_joined(self)
@@ -361,12 +361,11 @@ class ClientSession(asyncio.Protocol):
             )
         return False, None
 
-    def _handshake_timeout(self) -> None:
-        if self.state in (State.CLOSING, State.CLOSED):
-            self._abort()
-            return
-        log.info("client handshake timed out while %s", self.state.value)
-        self.state = State.CLOSED
+    def handshake_timed_out(self) -> None:
+        """client.handshake_timeout passed before OpenOk (worker.handshakes)."""
+        if self.state is not State.CLOSED:  # else it is closing its socket already
+            log.info("client handshake timed out while %s", self.state.value)
+            self.state = State.CLOSED
         self._abort()
 
     # -- running -------------------------------------------------------------------
@@ -556,6 +555,7 @@ class ClientSession(asyncio.Protocol):
         self._release_channels()
         self.write(methods.connection_close(code, text, class_id, method_id))
         self.resume_reading()
+        self.worker.handshakes.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.config.close_timeout, self._abort)
@@ -615,6 +615,7 @@ class ClientSession(asyncio.Protocol):
             if self._logged_in is not None:
                 self._logged_in.discard_login()
                 self._logged_in = None
+            self.worker.handshakes.discard(self)
             if self._timer is not None:
                 self._timer.cancel()
             self._release_channels()

@@ -71,8 +71,9 @@ def test_active_clients_counts_clients_across_workers_then_returns_to_zero(daemo
     assert metrics["amqplex_client_connections_total"] >= 12
     # Each handshake timed, in the bulk the exporter hands on.
     assert wait_until(
-        lambda: scrape(daemon.status_port)["amqplex_client_handshake_seconds_count"]
-        >= handshakes + 12
+        lambda: (
+            scrape(daemon.status_port)["amqplex_client_handshake_seconds_count"] >= handshakes + 12
+        )
     )
     # Both workers took some: each one's upstream shows up.
     assert metrics["amqplex_upstream_connections"] >= 1

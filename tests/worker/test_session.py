@@ -347,6 +347,34 @@ def test_stalled_handshake_is_closed_after_the_timeout(fresh_amqplexd, stage):
     assert 0.8 <= elapsed <= 3, f"closed after {elapsed:.2f}s"
 
 
+def test_clients_stalled_at_different_times_are_each_closed_at_their_own_deadline(
+    fresh_amqplexd,
+):
+    """One timer keeps every client's deadline (worker/deadlines.py): the
+    second client's comes later, and a handshake finishing between the two
+    moves neither."""
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_CLIENT_HANDSHAKE_TIMEOUT": "1"})
+    with RawClient(daemon.port) as first:
+        first_started = time.monotonic()  # a client's time counts from its connect
+        first.send(PROTOCOL_HEADER)
+        first.expect(commands.Connection.Start)
+        with RawClient(daemon.port) as finished:
+            finished.handshake()
+            assert first.read_eof(timeout=0.5) is False
+            with RawClient(daemon.port) as second:
+                second_started = time.monotonic()
+                second.send(PROTOCOL_HEADER)
+                second.expect(commands.Connection.Start)
+                assert first.read_eof(timeout=5), "the first stalled client was never closed"
+                first_closed = time.monotonic()
+                assert second.read_eof(timeout=5), "the second stalled client was never closed"
+                second_closed = time.monotonic()
+            finished.open_channel(1)
+    assert 0.8 <= first_closed - first_started <= 3
+    assert 0.8 <= second_closed - second_started <= 3
+    assert second_closed - first_closed >= 0.3
+
+
 def test_handshake_timeout_spares_a_finished_handshake(fresh_amqplexd):
     daemon = fresh_amqplexd(env={"AMQP_CLIENT_HANDSHAKE_TIMEOUT": "1"})
     with RawClient(daemon.port) as client:
