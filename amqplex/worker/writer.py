@@ -1,6 +1,7 @@
 """Batched writes: every frame written during one loop turn leaves in one
 call to the transport (one writev), instead of a syscall per frame; on an
-upstream, with the channels of that turn taking turns (interleaved). A
+upstream, with the channels of that turn taking turns (interleaved: in
+Python here, the reference, and in C in _walk.c where it was built). A
 reply that is all its turn writes may go at once (write_now)."""
 
 import asyncio
@@ -147,3 +148,18 @@ def _turns(run: list) -> typing.Iterator[list]:
             end += 1
         yield run[start:end]
         start = end
+
+
+# Every chunk of every upstream flush goes through interleaved(): in Python
+# it was a fifth of a worker's CPU publishing small messages (over 700 ns a
+# chunk; 20 compiled).
+reference_interleaved = interleaved
+try:
+    from amqplex.protocol import _walk
+except ImportError:  # built without a C compiler
+    _walk = None
+
+if _walk is not None:
+
+    def interleaved(chunks: list) -> list:
+        return _walk.interleaved(chunks, TURN, _STREAMED)

@@ -104,6 +104,34 @@ def test_every_chunk_leaves_once_with_each_channels_order_and_messages_kept(stre
     assert by_channel(after) == by_channel(before)
 
 
+fenced_streams = st.lists(
+    st.tuples(streams, st.sampled_from([QUEUE_DELETE, CONNECTION_CLOSE]), st.integers(1, 4)),
+    max_size=4,
+)
+
+
+@given(fenced_streams)
+def test_the_compiled_interleave_gives_the_references_list(parts):
+    """Streams between control methods (fences), on the channels streaming
+    or another: the same chunks, the same objects, in the same order."""
+    chunks: list = []
+    for stream, method, channel in parts:
+        chunks += _chunks(stream) + [frame(1, channel, 0, method)]
+    if writer._walk is None:
+        pytest.skip("_walk.c was not built")
+    out = writer.interleaved(chunks)
+    expected = writer.reference_interleaved(chunks)
+    assert len(out) == len(expected)
+    assert all(got is wanted for got, wanted in zip(out, expected, strict=True))
+
+
+def test_the_compiled_interleave_refuses_what_is_not_a_chunk():
+    if writer._walk is None:
+        pytest.skip("_walk.c was not built")
+    with pytest.raises(TypeError):
+        writer.interleaved([frame(1, 1, 0), bytearray(frame(2, 1, 0))])
+
+
 @given(streams)
 def test_no_channel_goes_on_for_much_more_than_a_turn_while_another_waits(stream):
     chunks = _chunks(stream)
