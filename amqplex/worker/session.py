@@ -76,6 +76,42 @@ class State(enum.Enum):
 
 
 class ClientSession(asyncio.Protocol):
+    # A worker holds thousands (memory per idle client is a target), and a
+    # short-lived client's whole life is a few dozen attribute writes.
+    __slots__ = (
+        "worker",
+        "config",
+        "loop",
+        "state",
+        "transport",
+        "writer",
+        "splitter",
+        "channels",
+        "pool",
+        "credentials",
+        "vhost",
+        "frame_max",
+        "channel_max",
+        "heartbeat",
+        "cancel_notify",
+        "blocked_notify",
+        "home",
+        "_logged_in",
+        "_holding",
+        "_stall_timer",
+        "_header",
+        "peer",
+        "started",
+        "bytes_in",
+        "bytes_out",
+        "close_code",
+        "close_text",
+        "_last_read",
+        "_timer",
+        "_reading",
+        "_yielding",
+    )
+
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.config = worker.config.client
