@@ -766,6 +766,13 @@ emit(Interleave *il, Py_ssize_t i)
     PyList_SET_ITEM(il->out, il->filled++, il->items[i]);
 }
 
+static void
+emit_range(Interleave *il, Py_ssize_t start, Py_ssize_t stop)
+{
+    for (Py_ssize_t i = start; i < stop; i++)
+        emit(il, i);
+}
+
 /* _taking_turns over items[start:stop]: each channel's chunks in turns of
  * `turn` or so (a turn ends only before a method frame), the channels in
  * the order they first appear; as it was when fewer than two channels, or
@@ -777,8 +784,7 @@ taking_turns(Interleave *il, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t turn)
     if (count == 0)
         return 0;
     if (il->kinds[start] == PAYLOAD) { /* never first, by construction */
-        for (Py_ssize_t i = start; i < stop; i++)
-            emit(il, i);
+        emit_range(il, start, stop);
         return 0;
     }
     /* Each channel's chunks as a linked list through next, in order. */
@@ -813,8 +819,7 @@ taking_turns(Interleave *il, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t turn)
     for (Py_ssize_t s = 0; s < slots; s++)
         slot_of[il->keys[start + head[s]]] = -1;
     if (slots < 2 || longest <= turn) {
-        for (Py_ssize_t i = start; i < stop; i++)
-            emit(il, i);
+        emit_range(il, start, stop);
     } else {
         Py_ssize_t left = slots; /* channels with chunks still to go */
         while (left > 0) {

@@ -11,7 +11,7 @@ import typing
 from pamqp import commands
 
 from amqplex.protocol.constants import FRAME_METHOD
-from amqplex.protocol.framing import method_index
+from amqplex.protocol.framing import _walk, method_index  # _walk: None where not built
 
 # About how many chunks (frames, or whole messages) of one channel go in a
 # row when one flush holds several channels'. RabbitMQ hands a channel only
@@ -154,11 +154,6 @@ def _turns(run: list) -> typing.Iterator[list]:
 # it was a fifth of a worker's CPU publishing small messages (over 700 ns a
 # chunk; 20 compiled).
 reference_interleaved = interleaved
-try:
-    from amqplex.protocol import _walk
-except ImportError:  # built without a C compiler
-    _walk = None
-
 if _walk is not None:
 
     def interleaved(chunks: list) -> list:
