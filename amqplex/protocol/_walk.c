@@ -859,11 +859,15 @@ interleaved(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t turn = PyLong_AsSsize_t(args[1]);
     if (turn == -1 && PyErr_Occurred())
         return NULL;
+    if (turn < 1) { /* no chunk would ever leave a turn of none */
+        PyErr_SetString(PyExc_ValueError, "a turn is at least one chunk");
+        return NULL;
+    }
     Indices streamed;
     if (read_indices(args[2], &streamed) < 0)
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(args[0]);
-    Interleave il = {.items = PySequence_Fast_ITEMS(args[0]), .filled = 0};
+    Interleave il = {.filled = 0};
     il.kinds = PyMem_Malloc(sizeof(short) * ((size_t)count + 1));
     il.keys = PyMem_Malloc(sizeof(int) * ((size_t)count + 1));
     il.out = PyList_New(count);
@@ -872,6 +876,10 @@ interleaved(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_NoMemory();
         goto fail;
     }
+    /* Only now: making the list may run a collection, and a finalizer could
+     * change the chunks' list and leave an earlier pointer to its items
+     * dangling. */
+    il.items = PySequence_Fast_ITEMS(args[0]);
     /* Kinds and channels first: nothing below calls back into Python, so
      * the list cannot change under the walk. */
     for (Py_ssize_t i = 0; i < count; i++) {

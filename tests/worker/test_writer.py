@@ -132,6 +132,14 @@ def test_the_compiled_interleave_refuses_what_is_not_a_chunk():
         writer.interleaved([frame(1, 1, 0), bytearray(frame(2, 1, 0))])
 
 
+def test_the_compiled_interleave_refuses_a_turn_of_no_chunks():
+    # Two channels' method frames with a turn of none would never leave.
+    if writer._walk is None:
+        pytest.skip("_walk.c was not built")
+    with pytest.raises(ValueError):
+        writer._walk.interleaved([frame(1, 1, 0), frame(1, 2, 0)], 0, writer._STREAMED)
+
+
 @given(streams)
 def test_no_channel_goes_on_for_much_more_than_a_turn_while_another_waits(stream):
     chunks = _chunks(stream)
