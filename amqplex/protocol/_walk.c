@@ -877,8 +877,12 @@ interleaved(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     /* Only now: making the list may run a collection, and a finalizer could
-     * change the chunks' list and leave an earlier pointer to its items
-     * dangling. */
+     * change the chunks' list, leaving an earlier pointer to its items
+     * dangling or the arrays above sized for another length. */
+    if (PyList_GET_SIZE(args[0]) != count) {
+        PyErr_SetString(PyExc_RuntimeError, "the chunks' list changed during interleaved");
+        goto fail;
+    }
     il.items = PySequence_Fast_ITEMS(args[0]);
     /* Kinds and channels first: nothing below calls back into Python, so
      * the list cannot change under the walk. */
