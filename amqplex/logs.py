@@ -213,9 +213,19 @@ _TEXT = TextFormatter()
 
 
 def _pairs(fields: dict) -> str:
-    return " ".join(f"{key}={_text(value)}" for key, value in fields.items())
+    return " ".join([f"{key}={_text(value)}" for key, value in fields.items()])
 
 
 def _text(value: object) -> str:
-    text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+    """A value as it goes after "key=": bare, or quoted as JSON when empty or
+    holding a space or a quote. A session line has eight, so the usual
+    cases skip json.dumps: numbers, and printable ASCII that quotes as is."""
+    kind = type(value)
+    if kind is int or kind is float:
+        return str(value)
+    text = value if kind is str else str(value)
+    if text and " " not in text and '"' not in text:
+        return text
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)

@@ -13,6 +13,8 @@ import weakref
 
 import pika
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from amqplex import logs
 from tests.conftest import proxy_params
@@ -217,3 +219,10 @@ def test_a_deferred_line_below_the_level_is_dropped_and_without_buffering_writte
         assert out.getvalue() == "at once\n"
     finally:
         logger.removeHandler(direct)
+
+
+@given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()))
+def test_a_field_value_is_bare_or_quoted_as_json_would_quote_it(value):
+    text = str(value)
+    quoted = not text or " " in text or '"' in text
+    assert logs._text(value) == (json.dumps(text) if quoted else text)
