@@ -258,13 +258,7 @@ class FrameSplitter:
     def split(self, data: bytes) -> list[Frame]:
         """Return the complete frames in the stream so far, keeping the rest."""
         if not self._pending:
-            # _cut() inline: the usual read (a short-lived client's each one)
-            # ends with its last frame, and a call is a large part of it.
-            size = len(data)
-            frames, pos = cut(data, 0, size, self.frame_max, self.slack)
-            if pos < size:
-                self._keep(data, pos)
-            return frames
+            return self._cut(data)
         self._pending_size += len(data)
         if self._pending_size < self._wanted:
             self._pending.append(data)
@@ -288,21 +282,17 @@ class FrameSplitter:
     def _cut(self, data: bytes | memoryview) -> list[Frame]:
         frames, pos = cut(data, 0, len(data), self.frame_max, self.slack)
         if pos < len(data):
-            self._keep(data, pos)
+            rest = data[pos:] if pos else data
+            self._pending = [rest]
+            self._pending_size = len(rest)
+            # With a whole header read, cut() has checked it: wait for the
+            # frame. Otherwise wait for enough to check the header.
+            self._wanted = (
+                FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
+                if len(rest) >= FRAME_OVERHEAD
+                else FRAME_OVERHEAD
+            )
         return frames
-
-    def _keep(self, data: bytes | memoryview, pos: int) -> None:
-        """Hold data[pos:], an incomplete frame, until the rest is read."""
-        rest = data[pos:] if pos else data
-        self._pending = [rest]
-        self._pending_size = len(rest)
-        # With a whole header read, cut() has checked it: wait for the
-        # frame. Otherwise wait for enough to check the header.
-        self._wanted = (
-            FRAME_OVERHEAD + _FRAME_HEADER.unpack_from(rest)[2]
-            if len(rest) >= FRAME_OVERHEAD
-            else FRAME_OVERHEAD
-        )
 
     @property
     def buffered(self) -> int:
