@@ -82,6 +82,12 @@ _CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
 
 # What the channel expects next from the client.
 _EXPECT_METHOD, _EXPECT_HEADER, _EXPECT_BODY = 0, 1, 2
+# What a Queue.Declare awaiting its DeclareOk makes of the queue (declares):
+# someone else's or shared; the client's own (exclusive or server-named, and
+# not passive: RabbitMQ ignores `exclusive` on a passive declare); the
+# client's own, declared nowait, so the DeclareOk is the proxy's to take.
+_SHARED, _OWNED, _OWNED_QUIETLY = 0, 1, 2
+_NO_WAIT = 0b10000  # Queue.Declare's fifth bit
 
 
 class ClientChannel:
@@ -117,9 +123,9 @@ class ClientChannel:
         self.expect = _EXPECT_METHOD
         self.body_left = 0
         self.content: list[bytes] = []
-        # One entry per Queue.Declare awaiting DeclareOk: does the client
-        # own the queue it names (exclusive or server-named)?
-        self.declares: collections.deque[bool] = collections.deque()
+        # One entry per Queue.Declare awaiting DeclareOk: _SHARED, _OWNED
+        # or _OWNED_QUIETLY.
+        self.declares: collections.deque[int] = collections.deque()
         # The client sent Channel.Close.
         self.closing = False
         # The proxy closed this channel (405) and waits for the client's CloseOk.
@@ -176,6 +182,8 @@ class ClientChannel:
                 raise _unexpected_frame(self.expect)
             index = method_index(frame)
             if index == _PUBLISH:
+                if self.committing:
+                    raise _committing(_PUBLISH_IDS)
                 if check_publish(frame):
                     self.stateful = True  # its Basic.Return may still come
                 if not quiet.quiet_method(frame):
@@ -231,6 +239,7 @@ class ClientChannel:
             self.expect != _EXPECT_METHOD
             or self.closing
             or self.closed_by_proxy
+            or self.committing
             or slot is None
             or self.session.frame_max > slot.upstream.frame_max
         ):
@@ -290,11 +299,7 @@ class ClientChannel:
         method = methods.decode(frame)
         check_client_method(method, self.session.worker.exchange_types)
         if self.committing:
-            raise ConnectionException(
-                ReplyCode.CHANNEL_ERROR,
-                "unexpected command while processing 'tx.commit'",
-                *methods.ids(type(method)),
-            )
+            raise _committing(methods.ids(type(method)))
         if index not in STATELESS_METHODS or (index == _BASIC_GET and not method.no_ack):
             self.stateful = True
         if index == _BASIC_CONSUME:
@@ -305,12 +310,27 @@ class ClientChannel:
             self.committing = True
         if index in _NAMES_QUEUE:
             self._check_queue_owner(method)
-        if index == _QUEUE_DECLARE and not method.nowait:
-            self.declares.append(method.exclusive or not method.queue)
+        if index == _QUEUE_DECLARE:
+            frame = self._declare(method, frame)
         elif index == _QUEUE_DELETE:
             self.session.pool.disown(method.queue, self.session)
         self.unsettled = True  # its reply, or its error, is on the way
         self._send(frame)
+
+    def _declare(self, method: commands.Queue.Declare, frame: bytes) -> bytes:
+        """Note what the DeclareOk will say about ownership (rule 7), and
+        the frame to send: a nowait declare of a queue the client would own
+        goes as a plain one, so that the broker's answer, not the request,
+        decides whether it is the client's (a declare refused 405 or 406
+        must not make a shared queue one that is deleted when its client
+        leaves)."""
+        owned = not method.passive and (method.exclusive or not method.queue)
+        if not method.nowait:
+            self.declares.append(_OWNED if owned else _SHARED)
+        elif owned and method.queue:  # server-named and nowait: nobody learns its name
+            self.declares.append(_OWNED_QUIETLY)
+            return _answered_declare(frame)
+        return frame
 
     def _track_consumer(self, method: commands.Basic.Consume) -> None:
         tag = method.consumer_tag
@@ -380,6 +400,7 @@ class ClientChannel:
         slot = self.slot
         if slot is None:
             # Never reached the broker: nothing to close there.
+            self.session.pool.stop_waiting(self)
             self.session.reply(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
@@ -412,7 +433,9 @@ class ClientChannel:
         self.content = []
         self.expect = _EXPECT_METHOD
         slot, self.slot = self.slot, None
-        if slot is not None:
+        if slot is None:
+            self.session.pool.stop_waiting(self)  # it gets none now
+        else:
             slot.close()
 
     # -- broker to client -------------------------------------------------------
@@ -434,9 +457,12 @@ class ClientChannel:
                 return
         elif frame_type == FRAME_METHOD:
             if index == _QUEUE_DECLARE_OK and self.declares:
-                if self.declares.popleft():
+                declared = self.declares.popleft()
+                if declared != _SHARED:
                     queue = methods.decode(frame).queue
                     session.pool.own(queue, session, self.slot.upstream)
+                    if declared == _OWNED_QUIETLY:
+                        return  # the client asked for no answer
             elif index in DELIVERIES:
                 session.worker.stats.messages_delivered += 1
             elif index == _BASIC_CONSUME_OK:
@@ -463,11 +489,31 @@ class ClientChannel:
         (which gives its unacked messages back to their queues)."""
         slot, self.slot = self.slot, None
         if slot is None:
+            self.session.pool.stop_waiting(self)
             return
         if self._reusable(slot):
             slot.recycle(self.unsettled, self.largest_body)
         else:
             slot.close()
+
+
+def _answered_declare(frame: bytes) -> bytes:
+    """A Queue.Declare frame with its no-wait bit cleared, in place in the
+    bytes: pamqp would refuse to encode names RabbitMQ accepts (spaces, any
+    UTF-8). Its bits follow the method id, reserved-1 and the queue name."""
+    at = FRAME_HEADER_SIZE + 6
+    at += 1 + frame[at]
+    declare = bytearray(frame)
+    declare[at] &= ~_NO_WAIT
+    return bytes(declare)
+
+
+def _committing(ids: tuple[int, int]) -> ConnectionException:
+    # RabbitMQ takes nothing but Channel.Close on a channel between
+    # Tx.Commit and its CommitOk, and closes the connection otherwise.
+    return ConnectionException(
+        ReplyCode.CHANNEL_ERROR, "unexpected command while processing 'tx.commit'", *ids
+    )
 
 
 def _unexpected_frame(expect: int) -> ConnectionException:

@@ -156,7 +156,7 @@ class Pool:
         self.unavailable = _describe(error)
         log.warning("dial for %r failed: %s", self, self.unavailable)
         for channel in list(self.waiting):
-            self._stop_waiting(channel)
+            self.stop_waiting(channel)
             channel.session.force_close(
                 ReplyCode.CONNECTION_FORCED,
                 f"CONNECTION_FORCED - upstream unavailable: {self.unavailable}",
@@ -301,7 +301,8 @@ class Pool:
             f"pool.max_channels={self.config.pool.max_channels})",
         )
 
-    def _stop_waiting(self, channel: ClientChannel) -> None:
+    def stop_waiting(self, channel: ClientChannel) -> None:
+        """`channel` no longer waits (bound, closed, or its client left)."""
         timer = self.waiting.pop(channel, None)
         if timer is not None:
             timer.cancel()
@@ -313,14 +314,14 @@ class Pool:
             if channel.session.channels.get(channel.cid) is channel:
                 yield channel
             else:
-                self._stop_waiting(channel)
+                self.stop_waiting(channel)
 
     def _serve_waiting(self) -> None:
         for channel in self._waiters():
             upstream = self._room(channel.session.home)
             if upstream is None:
                 return
-            self._stop_waiting(channel)
+            self.stop_waiting(channel)
             channel.bind(upstream.open_channel(), answer_open=True)
 
     def _idle_count(self) -> int:
@@ -368,7 +369,7 @@ class Pool:
             return
         for channel in self._waiters():
             # A client waits for a channel (every id in use): this one is ready.
-            self._stop_waiting(channel)
+            self.stop_waiting(channel)
             channel.bind(slot, answer_open=False)
             return
         slot.upstream.idle.append(slot)
@@ -480,9 +481,6 @@ class Pools:
 
     def __iter__(self) -> typing.Iterator[Pool]:
         return iter(list(self._pools.values()))
-
-    def __len__(self) -> int:
-        return len(self._pools)
 
     def logged_in(self, credentials: Credentials) -> bool:
         """Whether an open upstream was logged in with exactly these credentials."""

@@ -95,6 +95,7 @@ class ClientSession(asyncio.Protocol):
         "heartbeat",
         "cancel_notify",
         "blocked_notify",
+        "told_blocked",
         "home",
         "_logged_in",
         "_holding",
@@ -110,6 +111,7 @@ class ClientSession(asyncio.Protocol):
         "_timer",
         "_reading",
         "_yielding",
+        "_held",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -129,6 +131,8 @@ class ClientSession(asyncio.Protocol):
         self.heartbeat = 0
         self.cancel_notify = False
         self.blocked_notify = False
+        # Connection.Blocked sent, Unblocked not yet: the broker says each once.
+        self.told_blocked = False
         # The upstream this client's channels go to when it has room, so an
         # exclusive queue stays usable on all of the client's channels.
         self.home: Upstream | None = None
@@ -150,6 +154,8 @@ class ClientSession(asyncio.Protocol):
         self._reading = True
         # Not reading until the next loop turn (STREAMING_READ).
         self._yielding = False
+        # The rest of a read whose StartOk or Open the broker is asked about.
+        self._held: list | None = None
 
     # -- transport callbacks ---------------------------------------------------
 
@@ -178,8 +184,7 @@ class ClientSession(asyncio.Protocol):
             if self.state is State.RUNNING:
                 self._running(frames)
             else:
-                for frame_type, channel, frame in frames:
-                    self._other_state(frame_type, channel, frame)
+                self._handshake(frames)
         except ConnectionException as error:
             self.fail(error)
 
@@ -252,6 +257,36 @@ class ClientSession(asyncio.Protocol):
         self.transport.write(PROTOCOL_HEADER)
         self.transport.close()
 
+    def _handshake(self, frames: list) -> None:
+        """A read's frames before the client is in, one at a time, as each
+        can change the state: once it is in, the rest of the read (a
+        Channel.Open sent right after Connection.Open, as the broker
+        allows) runs; while the broker is asked about its login or vhost,
+        the rest waits for the answer (_replay)."""
+        for at, (frame_type, channel, frame) in enumerate(frames):
+            self._other_state(frame_type, channel, frame)
+            state = self.state
+            if state is State.RUNNING or state is State.LOGIN or state is State.VERIFYING:
+                rest = frames[at + 1 :]
+                if rest and state is State.RUNNING:
+                    self._running(rest)
+                elif rest:
+                    self._held = rest
+                return
+
+    def _replay(self) -> None:
+        """The frames _handshake held while the broker answered."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        try:
+            if self.state is State.RUNNING:
+                self._running(held)
+            else:
+                self._handshake(held)
+        except ConnectionException as error:
+            self.fail(error)
+
     def _other_state(self, frame_type: int, channel: int, frame: bytes) -> None:
         if self.state is State.CLOSING:
             self._closing_frame(frame_type, channel, frame)
@@ -307,6 +342,7 @@ class ClientSession(asyncio.Protocol):
         self._logged_in = login
         self.resume_reading()
         self._tune()
+        self._replay()
 
     def _tune(self) -> None:
         self.state = State.TUNE_OK
@@ -366,6 +402,7 @@ class ClientSession(asyncio.Protocol):
             return
         self._opened(pool)
         self.resume_reading()
+        self._replay()
 
     def _opened(self, pool: Pool) -> None:
         self.pool = pool
@@ -481,7 +518,11 @@ class ClientSession(asyncio.Protocol):
         if self.state is not State.RUNNING:
             return
         now = self.loop.time()
-        if now - self._last_read > 2 * self.heartbeat:
+        if not self._reading:
+            # The proxy stopped reading it (an upstream of its channels is
+            # not taking more): its heartbeats wait in the kernel, unread.
+            self._last_read = now
+        elif now - self._last_read > 2 * self.heartbeat:
             log.info("client missed two heartbeats; closing it")
             self._abort()
             return
@@ -554,11 +595,15 @@ class ClientSession(asyncio.Protocol):
             del self.channels[channel.cid]
 
     def notify_blocked(self, reason: str) -> None:
-        if self.blocked_notify and self.state is State.RUNNING:
+        # The pool, each channel bound while blocked and the session's own
+        # arrival may all ask: the client is told once.
+        if self.blocked_notify and not self.told_blocked and self.state is State.RUNNING:
+            self.told_blocked = True
             self.write(methods.encode(0, commands.Connection.Blocked(reason=reason)))
 
     def notify_unblocked(self) -> None:
-        if self.blocked_notify and self.state is State.RUNNING:
+        if self.told_blocked and self.state is State.RUNNING:
+            self.told_blocked = False
             self.write(methods.encode(0, commands.Connection.Unblocked()))
 
     # -- ending ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """One channel id on an upstream connection, from the broker's side.
 
-Its life: opened (OPENING until the broker's OpenOk), then idle in the pool
-or carrying one client channel, then closed by either side. The id goes back
-to the upstream only when both directions of the close are done, so a late
-frame for the old channel can never reach a new one (DESIGN rule 4).
+Its life: opened (at the broker's OpenOk its client is answered, or it goes
+idle), then idle in the pool or carrying one client channel, then closed by
+either side. The id goes back to the upstream only when both directions of
+the close are done, so a late frame for the old channel can never reach a new
+one (DESIGN rule 4).
 
 A channel whose client changed nothing about it (only published, declared,
 bound, or got without ack) is recycled instead of closed: a background
@@ -44,7 +45,6 @@ class UpstreamChannel:
         "uid",
         "uid_bytes",
         "client",
-        "opening",
         "awaiting_close_ok",
         "owes_close_ok",
         "closing",
@@ -59,7 +59,6 @@ class UpstreamChannel:
         self.uid = uid
         self.uid_bytes = channel_bytes(uid)
         self.client: ClientChannel | None = None
-        self.opening = True
         # We (or our client) sent Channel.Close and wait for the broker's CloseOk.
         self.awaiting_close_ok = False
         # The broker sent Channel.Close and waits for our CloseOk.
@@ -119,7 +118,6 @@ class UpstreamChannel:
             client.from_broker(frame_type, frame, index)
 
     def _opened(self) -> None:
-        self.opening = False
         if self.closing or self.probing:
             return
         if self.client is None:
@@ -182,8 +180,9 @@ class UpstreamChannel:
         self.write(rewrite_channel(_PROBE, self.uid_bytes))
 
     def close(self) -> None:
-        """Close with no client attached: the client left, or it was a
-        janitor channel. Answers a pending broker Close instead if there is one."""
+        """Close it, detached from its client: the client left, the proxy
+        closed the client's channel (405), or the pool has idle channels to
+        spare. Answers a pending broker Close instead if there is one."""
         self.detach()
         if self.owes_close_ok:
             self.client_close_ok()

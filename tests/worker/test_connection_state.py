@@ -5,15 +5,17 @@ the clients that asked for it, Basic.Cancel only those that advertised it."""
 from __future__ import annotations
 
 import re
+import select
 import time
 
 import pika
 import pytest
-from pamqp import commands
+from pamqp import commands, frame, header
 
+from amqplex.protocol.constants import FRAME_HEARTBEAT
 from tests.conftest import proxy_params
 from tests.support.broker import queue_names, rabbitmqctl
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, body_frame
 from tests.support.waiting import wait_until
 
 
@@ -91,6 +93,73 @@ def test_exclusive_queue_is_deleted_when_its_client_leaves(amqplexd, user, queue
     other.close()
 
 
+def _leave_with_a_marker(client: RawClient, marker: str) -> None:
+    """Declare an exclusive `marker` queue and leave politely: once the
+    marker is gone, the proxy has deleted whatever it took for the client's."""
+    client.open_channel(9)
+    client.method(9, commands.Queue.Declare(queue=marker, exclusive=True))
+    client.expect(commands.Queue.DeclareOk)
+    client.method(
+        0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+    )
+    client.expect(commands.Connection.CloseOk)
+
+
+def test_passive_declare_marked_exclusive_leaves_a_shared_queue_shared(
+    two_clients, amqplexd, user, queue_name
+):
+    """RabbitMQ ignores `exclusive` on a passive declare: the queue stays
+    every client's, and is not deleted when the one that declared it leaves."""
+    a, b = two_clients
+    a.channel().queue_declare(queue_name)
+    marker = f"{queue_name}.marker"
+    with RawClient(amqplexd.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name, passive=True, exclusive=True))
+        client.expect(commands.Queue.DeclareOk)
+        assert b.channel().basic_get(queue_name, auto_ack=True) == (None, None, None)
+        _leave_with_a_marker(client, marker)
+    wait_until(lambda: marker not in queue_names())
+    assert queue_name in queue_names()
+
+
+def test_nowait_exclusive_declare_makes_the_queue_the_clients_and_answers_nothing(
+    two_clients, amqplexd, user, queue_name
+):
+    _, b = two_clients
+    with RawClient(amqplexd.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True, nowait=True))
+        client.method(1, commands.Basic.Qos(prefetch_count=1))
+        _, answer = client.read_method()
+        assert isinstance(answer, commands.Basic.QosOk)  # no DeclareOk before it
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
+            b.channel().basic_get(queue_name)
+        assert closed.value.reply_code == 405
+        client.close()
+    wait_until(lambda: queue_name not in queue_names())
+
+
+def test_refused_nowait_exclusive_declare_leaves_the_shared_queue_alone(
+    two_clients, amqplexd, user, queue_name
+):
+    a, _ = two_clients
+    a.channel().queue_declare(queue_name)
+    marker = f"{queue_name}.marker"
+    with RawClient(amqplexd.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True, nowait=True))
+        _, close = client.expect(commands.Channel.Close)
+        assert (close.class_id, close.method_id) == (50, 10), close
+        client.method(1, commands.Channel.CloseOk())
+        _leave_with_a_marker(client, marker)
+    wait_until(lambda: marker not in queue_names())
+    assert queue_name in queue_names()
+
+
 def _consume(client: RawClient, queue: str) -> None:
     client.open_channel(1)
     client.method(1, commands.Queue.Declare(queue=queue))
@@ -154,6 +223,63 @@ def _connection_methods(client: RawClient, until, timeout: float = 15) -> list:
     return seen
 
 
+def test_a_client_the_proxy_stops_reading_is_not_dropped_for_missed_heartbeats(
+    amqplexd, user, queue_name, memory_alarm
+):
+    """While the upstream of its channel takes nothing (the broker blocks it
+    under the alarm), the proxy stops reading the client: its heartbeats
+    wait unread in the kernel, so it is not taken for silent, as RabbitMQ
+    itself stops watching a blocked connection's heartbeats."""
+    raise_alarm, clear_alarm = memory_alarm
+    message = (
+        frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue_name), 1)
+        + frame.marshal(header.ContentHeader(0, 65536, commands.Basic.Properties()), 1)
+        + body_frame(1, bytes(65536))
+    )
+    stream = message * 500  # 33 MB, more than the sockets on the way hold
+    with RawClient(amqplexd.port) as client:
+        client.handshake(user.name, user.password, heartbeat=1)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name))
+        client.expect(commands.Queue.DeclareOk)
+        raise_alarm()
+        sent = _send_until_refused(client.sock, stream, refused_for=0.5, timeout=30)
+        assert sent < len(stream), "the proxy never stopped reading the client"
+        # Three of its heartbeat intervals unread, and it is still in.
+        end = time.monotonic() + 3
+        while (left := end - time.monotonic()) > 0:
+            try:
+                got = client.read_frame(timeout=left)
+            except TimeoutError:
+                break
+            assert got is not None, "the proxy closed the client"
+            assert got[0] == FRAME_HEARTBEAT, got
+        clear_alarm()
+        client.sock.setblocking(True)
+        client.sock.sendall(stream[sent : sent + (-sent) % len(message)])  # the last message whole
+        client.method(1, commands.Queue.Declare(queue=queue_name, passive=True))
+        client.expect(commands.Queue.DeclareOk, timeout=30)
+
+
+def _send_until_refused(sock, data: bytes, refused_for: float, timeout: float) -> int:
+    """Send `data` without blocking until the peer has taken nothing for
+    `refused_for` seconds (or all of it went); how many bytes went."""
+    sock.setblocking(False)
+    sent, refused_since = 0, None
+    deadline = time.monotonic() + timeout
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent : sent + 65536])
+            refused_since = None
+        except BlockingIOError:
+            now = time.monotonic()
+            refused_since = refused_since or now
+            if now - refused_since >= refused_for:
+                return sent
+            select.select([], [sock], [], refused_for)
+    return sent
+
+
 def test_blocked_and_unblocked_reach_clients_that_advertised_it(
     amqplexd, user, queue_name, memory_alarm
 ):
@@ -177,6 +303,9 @@ def test_blocked_and_unblocked_reach_clients_that_advertised_it(
             assert commands.Connection.Blocked in _connection_methods(
                 late, lambda seen: commands.Connection.Blocked in seen
             )
+            # Told once: the channels it opens while blocked add nothing.
+            late.open_channel(1)
+            late.open_channel(2)
             clear_alarm()
             for client in (early, late):
                 assert commands.Connection.Unblocked in _connection_methods(

@@ -393,6 +393,28 @@ def test_body_longer_than_its_header_says_is_a_frame_error_kept_from_the_upstrea
     assert upstream_names(shared.user) == shared.names
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-message", "method-alone"])
+def test_publish_while_a_commit_is_pending_is_refused_on_that_client_alone(amqplexd, shared, whole):
+    """Between Tx.Commit and its CommitOk RabbitMQ takes nothing but
+    Channel.Close on the channel and closes the connection (504) for
+    anything else: a publish there never reaches the shared upstream, and
+    its client alone gets that 504. (Compared with the broker it would be a
+    race: the broker may have committed before the publish arrives.)"""
+    with connect(amqplexd.port, shared.user) as client:
+        client.method(1, commands.Tx.Select())
+        client.expect(commands.Tx.SelectOk)
+        message = publish(1, "amqplex-nowhere")
+        if whole:
+            message += content_header(1, 3) + body_frame(1, b"abc")
+        client.send(method_frame(1, commands.Tx.Commit()) + message)
+        close = client.expect_connection_close(ANSWER_TIMEOUT)
+    assert close.reply_code == 504
+    assert (close.class_id, close.method_id) == (60, 40)
+    assert "unexpected command while processing 'tx.commit'" in close.reply_text
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
 @pytest.mark.parametrize("port", ["direct", "proxied"])
 def test_whole_publishes_before_a_bad_one_in_the_same_read_all_arrive(
     port, amqplexd, shared, queue_name

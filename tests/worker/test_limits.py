@@ -74,6 +74,45 @@ def test_channel_wait_is_bounded_when_every_allowed_upstream_is_full(fresh_amqpl
         connection.close()
 
 
+def test_a_channel_closed_while_it_waits_for_room_is_given_nothing_later(
+    fresh_amqplexd, user, queue_name
+):
+    """Closed by its client, or by the proxy, a channel stops waiting: the
+    bound on the wait does not close its client afterwards, and a channel
+    freed before the client's CloseOk goes to the next client, not to it."""
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
+            "AMQP_POOL_MAX_CHANNELS": "3",
+            "AMQP_POOL_IDLE_CHANNELS": "0",
+            "AMQP_POOL_ACQUIRE_TIMEOUT": "1",
+        }
+    )
+    holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
+    channels = [connection.channel() for connection in holders]
+    channels[0].queue_declare(queue_name, exclusive=True)
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.method(1, commands.Channel.Open())  # no room: it waits
+        client.method(
+            1, commands.Channel.Close(reply_code=200, reply_text="", class_id=0, method_id=0)
+        )
+        client.expect(commands.Channel.CloseOk)
+        client.method(2, commands.Channel.Open())
+        client.method(2, commands.Basic.Get(queue=queue_name))  # another client's queue
+        _, close = client.expect(commands.Channel.Close)
+        assert close.reply_code == 405
+        holders.pop().close()
+        late = pika.BlockingConnection(proxy_params(daemon.port, user))
+        assert late.channel().is_open
+        client.method(2, commands.Channel.CloseOk())
+        # Past the bound on the wait, nothing came: no OpenOk, no 530.
+        with pytest.raises(TimeoutError):
+            client.read_frame(timeout=2)
+    for connection in (*holders, late):
+        connection.close()
+
+
 def test_idle_upstream_is_closed_and_unused_pool_dropped(fresh_amqplexd, user):
     daemon = fresh_amqplexd(
         env={"AMQP_POOL_IDLE_TIMEOUT": "1", "AMQP_POOL_CLEANUP_INTERVAL": "0.2"}

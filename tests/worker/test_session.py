@@ -12,7 +12,7 @@ import time
 
 import pika
 import pytest
-from pamqp import commands
+from pamqp import commands, frame
 
 from amqplex.protocol.constants import FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, PROTOCOL_HEADER
 from tests.conftest import broker_params, proxy_params
@@ -137,6 +137,29 @@ def test_proxy_refuses_foreign_header_sent_byte_by_byte(amqplexd):
 
 
 # -- heartbeats with the client --------------------------------------------------
+
+
+@pytest.mark.parametrize("place", ["broker", "proxy, pool ready", "proxy, new pool"])
+def test_channel_open_sent_right_after_connection_open_is_served(amqplexd, user, place):
+    """A client may send Channel.Open and more behind Connection.Open without
+    waiting for OpenOk, as the broker allows; through the proxy they are
+    served both when the pool is ready and while the broker is still asked
+    about the client's vhost."""
+    keeper = None
+    if place == "proxy, pool ready":
+        keeper = pika.BlockingConnection(proxy_params(amqplexd.port, user))
+    with RawClient(BROKER if place == "broker" else amqplexd.port) as client:
+        client.handshake(user.name, user.password, open_connection=False)
+        client.send(
+            frame.marshal(commands.Connection.Open(virtual_host="/"), 0)
+            + frame.marshal(commands.Channel.Open(), 1)
+            + frame.marshal(commands.Queue.Declare(queue="", exclusive=True), 1)
+        )
+        client.expect(commands.Connection.OpenOk, timeout=5)
+        client.expect(commands.Channel.OpenOk, timeout=5)
+        client.expect(commands.Queue.DeclareOk, timeout=5)
+    if keeper is not None:
+        keeper.close()
 
 
 def test_idle_client_receives_heartbeats(amqplexd):
