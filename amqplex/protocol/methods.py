@@ -5,14 +5,22 @@ the data path stays bytes (see framing).
 """
 
 import functools
+import struct
 
 from pamqp import base, commands, frame
 from pamqp import decode as values
 
-from amqplex.protocol.constants import FRAME_HEADER_SIZE, ReplyCode
+from amqplex.protocol.constants import FRAME_END, FRAME_HEADER_SIZE, FRAME_METHOD, ReplyCode
 from amqplex.protocol.errors import ConnectionException
 
 Method = base.Frame
+
+_FRAME_HEAD = struct.Struct(">BHI")
+# Queue.Delete's class and method ids, reserved-1 and its name's length;
+# its bits after the name: no-wait alone (if-unused, if-empty, no-wait).
+_QUEUE_DELETE = struct.Struct(">HHHB")
+_NO_WAIT_ONLY = b"\x04"
+_FRAME_END = bytes([FRAME_END])
 
 
 def decode(frame_bytes: bytes) -> Method:
@@ -106,6 +114,14 @@ def encode(channel: int, method: Method) -> bytes:
 def ids(method_class: type[Method]) -> tuple[int, int]:
     """(class_id, method_id) of a pamqp method class, for Close frames."""
     return method_class.index >> 16, method_class.index & 0xFFFF
+
+
+def queue_delete(channel: int, queue: str) -> bytes:
+    """Queue.Delete of `queue`, no-wait, built here: pamqp refuses to
+    encode queue names RabbitMQ accepts (spaces, any UTF-8)."""
+    name = queue.encode()
+    payload = _QUEUE_DELETE.pack(50, 40, 0, len(name)) + name + _NO_WAIT_ONLY
+    return _FRAME_HEAD.pack(FRAME_METHOD, channel, len(payload)) + payload + _FRAME_END
 
 
 def connection_close(code: int, text: str, class_id: int = 0, method_id: int = 0) -> bytes:

@@ -372,6 +372,8 @@ class Pool:
             self.stop_waiting(channel)
             channel.bind(slot, answer_open=False)
             return
+        if slot.upstream.spare(slot):
+            return
         slot.upstream.idle.append(slot)
         if self._idle_count() > self.config.pool.max_idle_channels:
             # Enough are ready: close the oldest where most are idle, so the

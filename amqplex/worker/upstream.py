@@ -127,6 +127,8 @@ class Upstream(asyncio.BufferedProtocol):
         self._stalled_sessions: set = set()
         # Client sessions this connection stopped reading for (see hold_reading).
         self._holders: set = set()
+        # Departed clients' queues waiting for a free channel id (delete_queues).
+        self._undeleted: list[str] = []
 
     # -- dialling -------------------------------------------------------
     #
@@ -283,15 +285,27 @@ class Upstream(asyncio.BufferedProtocol):
 
     def delete_queues(self, names: list[str]) -> None:
         """Delete queues this connection owns (a departed client's exclusive
-        queues) on a channel opened for just that and closed behind it."""
-        if not self.has_room:
-            return
-        slot = self.open_channel()
-        frames = [
-            methods.encode(slot.uid, commands.Queue.Delete(queue=name, nowait=True))
-            for name in names
-        ]
-        self.writer.write_many(frames)
+        queues) on a channel of their own, closed behind them: a new one, or
+        one kept idle when every id is in use, or else the first channel
+        freed or given back (release, spare)."""
+        if self.has_room:
+            self._delete_on(self.open_channel(), names)
+        elif self.idle:
+            self._delete_on(self.idle.popleft(), names)
+        else:
+            self._undeleted.extend(names)
+
+    def spare(self, slot: UpstreamChannel) -> bool:
+        """Whether `slot`, open and given back, was taken for queues waiting
+        to be deleted (delete_queues)."""
+        if not self._undeleted:
+            return False
+        names, self._undeleted = self._undeleted, []
+        self._delete_on(slot, names)
+        return True
+
+    def _delete_on(self, slot: UpstreamChannel, names: list[str]) -> None:
+        self.writer.write_many([methods.queue_delete(slot.uid, name) for name in names])
         slot.close()
 
     def write_close(self, slot: UpstreamChannel) -> None:
@@ -306,6 +320,9 @@ class Upstream(asyncio.BufferedProtocol):
         del self.slots[slot.uid]
         if not self.closed:
             self.free_ids.append(slot.uid)
+            if self._undeleted:
+                names, self._undeleted = self._undeleted, []
+                self._delete_on(self.open_channel(), names)
             self.pool.channel_freed(self)
 
     # -- flow control ----------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import select
+import struct
 import time
 
 import pika
@@ -71,13 +72,23 @@ def test_server_named_queue_belongs_to_its_declarer(two_clients):
     wait_until(lambda: name not in queue_names())
 
 
+def _exclusive_declare(channel: int, queue: str) -> bytes:
+    name = queue.encode()
+    payload = struct.pack(">HHHB", 50, 10, 0, len(name)) + name + b"\x04" + bytes(4)
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
 @pytest.mark.parametrize("leave", ["close", "vanish"])
-def test_exclusive_queue_is_deleted_when_its_client_leaves(amqplexd, user, queue_name, leave):
+@pytest.mark.parametrize("suffix", ["", " with spaces, é"], ids=["plain", "any-utf8"])
+def test_exclusive_queue_is_deleted_when_its_client_leaves(
+    amqplexd, user, queue_name, leave, suffix
+):
+    queue_name += suffix  # RabbitMQ takes any UTF-8 name
     other = pika.BlockingConnection(proxy_params(amqplexd.port, user))
     client = RawClient(amqplexd.port)
     client.handshake(user.name, user.password)
     client.open_channel(1)
-    client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+    client.send(_exclusive_declare(1, queue_name))  # pamqp refuses such names
     client.expect(commands.Queue.DeclareOk)
     assert queue_name in queue_names()
     if leave == "close":
@@ -90,6 +101,34 @@ def test_exclusive_queue_is_deleted_when_its_client_leaves(amqplexd, user, queue
     # The upstream is still there for the other client, and the name is free.
     channel = other.channel()
     channel.queue_declare(queue_name, exclusive=True)
+    other.close()
+
+
+def test_exclusive_queue_is_deleted_when_every_channel_id_is_in_use(
+    fresh_amqplexd, user, queue_name
+):
+    """With both of the upstream's ids taken as the client leaves (another
+    client's channel, and its own being recycled), the deletion waits for
+    the first channel given back."""
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
+            "AMQP_POOL_MAX_CHANNELS": "2",
+            "AMQP_POOL_IDLE_CHANNELS": "0",
+        }
+    )
+    other = pika.BlockingConnection(proxy_params(daemon.port, user))
+    other.channel()
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+        client.expect(commands.Queue.DeclareOk)
+        client.method(
+            0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+        )
+        client.expect(commands.Connection.CloseOk)
+    wait_until(lambda: queue_name not in queue_names())
     other.close()
 
 
