@@ -8,6 +8,7 @@ refused with a ConfigError naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -106,6 +107,8 @@ def validate(config: Config) -> None:
         target, field = _locate(config, key)
         value = getattr(target, field.name)
         meta = field.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
         if meta.get("min") is not None and value < meta["min"]:
             raise ConfigError(f"{key}: must be at least {meta['min']}, got {value}")
         if meta.get("max") is not None and value > meta["max"]:
@@ -122,7 +125,17 @@ def validate(config: Config) -> None:
     try:
         url.port  # noqa: B018 - urllib checks the port only when asked
     except ValueError:
-        raise ConfigError(f"upstream.url: bad port in {config.upstream.url!r}") from None
+        raise ConfigError(
+            f"upstream.url: bad port in {mask_password(config.upstream.url)!r}"
+        ) from None
+    if not config.metrics.port and config.listen.port == 65535:
+        raise ConfigError(
+            "metrics.port: listen.port is 65535, so the default (listen.port + 1) "
+            "is no port; set metrics.port"
+        )
+    same_address = (config.metrics.address or config.listen.address) == config.listen.address
+    if same_address and config.metrics.port == config.listen.port:
+        raise ConfigError(f"metrics.port: {config.metrics.port} is listen.port's too")
     try:
         # Files read, keys matched to certificates, expiry checked: now, not
         # when the first client comes (and on HUP, before the running config goes).

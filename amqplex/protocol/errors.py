@@ -11,9 +11,12 @@ class AMQPError(Exception):
     """
 
     def __init__(self, code: ReplyCode, detail: str, class_id: int = 0, method_id: int = 0) -> None:
-        super().__init__(f"{code.name} - {detail}")
+        text = f"{code.name} - {detail}"
+        super().__init__(text)
         self.code = code
-        self.text = f"{code.name} - {detail}"[:255]
+        # A shortstr: at most 255 bytes, cut between characters (a client's
+        # own bytes, such as a bad reply-to key, can make it long).
+        self.text = text.encode()[:255].decode(errors="ignore")
         self.class_id = class_id
         self.method_id = method_id
 

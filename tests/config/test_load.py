@@ -292,12 +292,30 @@ def test_bad_durations_are_refused_with_the_allowed_forms(tmp_path, written):
         ("client:\n  max_output_buffer: 10\n", "client.max_output_buffer", "at least 65536"),
         ("upstream:\n  url: http://broker\n", "upstream.url", "expected amqp://host[:port]"),
         ("upstream:\n  url: amqp://broker:99999\n", "upstream.url", "bad port"),
+        ("client:\n  stall_timeout: .nan\n", "client.stall_timeout", "a finite number"),
+        ("upstream:\n  read_gather: .inf\n", "upstream.read_gather", "a finite number"),
+        ("listen:\n  port: 65535\n", "metrics.port", "set metrics.port"),
+        ("listen:\n  port: 6000\nmetrics:\n  port: 6000\n", "metrics.port", "listen.port"),
     ],
 )
 def test_bad_file_values_are_refused_naming_the_key(tmp_path, text, key, allowed):
     message = refusal(write(tmp_path, "bad.yaml", text))
     assert message.startswith(f"{key}: ")
     assert allowed in message
+
+
+def test_a_bad_port_in_the_upstream_url_is_refused_without_its_password(tmp_path):
+    message = refusal(write(tmp_path, "bad.yaml", "upstream:\n  url: amqp://u:s3cret@h:99999\n"))
+    assert message.startswith("upstream.url: bad port")
+    assert "s3cret" not in message
+
+
+def test_metrics_may_share_listen_port_on_another_address(tmp_path):
+    text = (
+        "listen:\n  address: 127.0.0.1\n  port: 6000\n"
+        "metrics:\n  address: 127.0.0.2\n  port: 6000\n"
+    )
+    assert load(write(tmp_path, "ok.yaml", text), environ={}).metrics.port == 6000
 
 
 def test_bad_environment_value_is_refused_naming_the_key():

@@ -65,3 +65,18 @@ def test_cache_keeps_no_frame_that_failed_to_decode():
     for _ in range(2):  # refused every time, not only the first
         with pytest.raises(ConnectionException):
             cache.decode(bad)
+
+
+def test_queue_delete_is_pamqps_frame_for_a_name_pamqp_takes():
+    plain = commands.Queue.Delete(queue="orders.1", nowait=True)
+    assert methods.queue_delete(3, "orders.1") == frame.marshal(plain, 3)
+
+
+def test_queue_delete_carries_any_utf8_name():
+    deleted = methods.decode(methods.queue_delete(3, "my queue, é"))
+    assert (deleted.queue, deleted.nowait, deleted.if_unused, deleted.if_empty) == (
+        "my queue, é",
+        True,
+        False,
+        False,
+    )
