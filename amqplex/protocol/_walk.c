@@ -987,6 +987,12 @@ PyInit__walk(void)
         PyModule_AddIntConstant(module, "ROUTED", ROUTED) < 0 ||
         PyModule_AddIntConstant(module, "FRAME_END", FRAME_END) < 0 ||
         PyModule_AddIntConstant(module, "FRAME_HEADER_SIZE", FRAME_HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_OVERHEAD", FRAME_OVERHEAD) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_METHOD", FRAME_METHOD) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_HEADER", FRAME_HEADER) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_BODY", FRAME_BODY) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_HEARTBEAT", FRAME_HEARTBEAT) < 0 ||
+        PyModule_AddIntConstant(module, "METHOD_ID_SIZE", METHOD_ID_SIZE) < 0 ||
         PyModule_AddIntConstant(module, "MAX_INDICES", MAX_INDICES) < 0) {
         Py_CLEAR(BadFrame);
         Py_DECREF(module);

@@ -44,7 +44,7 @@ def reference_renumber(frame: bytes, header: bytes, body: bytes, uid: bytes) -> 
 
 
 def mandatory(frame: bytes) -> bool:
-    """Whether a publish `renumber` took is mandatory (its last bits octet)."""
+    """Whether a publish `reference_renumber` took is mandatory (its last bits octet)."""
     return bool(frame[-2] & 0b01)
 
 

@@ -36,6 +36,15 @@ def test_the_compiled_walkers_share_framings_constants():
     assert walk.ROUTED == framing.ROUTED
     assert walk.FRAME_END == constants.FRAME_END
     assert walk.FRAME_HEADER_SIZE == constants.FRAME_HEADER_SIZE
+    assert walk.FRAME_OVERHEAD == constants.FRAME_OVERHEAD
+    assert walk.METHOD_ID_SIZE == framing._METHOD_ID_SIZE
+    frame_types = (walk.FRAME_METHOD, walk.FRAME_HEADER, walk.FRAME_BODY, walk.FRAME_HEARTBEAT)
+    assert frame_types == (
+        constants.FRAME_METHOD,
+        constants.FRAME_HEADER,
+        constants.FRAME_BODY,
+        constants.FRAME_HEARTBEAT,
+    )
 
 
 def outcome(walker, buf, *args) -> tuple:
