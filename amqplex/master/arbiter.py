@@ -199,6 +199,10 @@ class Arbiter:
                 signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            # Nor the status port: a worker holding it would keep an old one
+            # open after a reload moves it.
+            if self.status is not None:
+                self.status.close()
             code = self._run_worker(self.config, self.listener, slot, seat)
         except BaseException:
             log.exception("worker %d failed", slot)
@@ -262,8 +266,9 @@ class Arbiter:
         self.reap_workers()
 
     def handle_hup(self) -> None:
-        """Reload: new workers with the new configuration start accepting from
-        the same listener before the old ones stop, so nobody is refused."""
+        """Reload: new workers with the new configuration are forked before
+        the old ones are told to drain, and a client arriving between the two
+        waits in the listener's queue, so nobody is refused."""
         log.info("HUP: reloading configuration")
         # systemd >= 253 ties RELOADING=1 to a reload by its CLOCK_MONOTONIC
         # time; without it `systemctl reload` may not see the reload end.
@@ -274,7 +279,9 @@ class Arbiter:
             log.error("reload refused, keeping the running configuration: %s", error)
             notify("READY=1")
             return
-        old_listener = None
+        # Both new sockets are bound before either replaces its old one, so
+        # that a refused reload changes nothing.
+        sock = status = None
         if (new.listen.address, new.listen.port) != (
             self.config.listen.address,
             self.config.listen.port,
@@ -290,16 +297,24 @@ class Arbiter:
                 )
                 notify("READY=1")
                 return
-            old_listener, self.listener = self.listener, sock
         if status_address(new) != status_address(self.config):
             try:
                 status = self._bind_status(new)
             except OSError as error:
+                if sock is not None:
+                    sock.close()
                 log.error(
                     "reload refused: cannot serve status on %s:%d: %s", *status_address(new), error
                 )
                 notify("READY=1")
                 return
+        if sock is not None:
+            # Closed before the new workers fork, so none of them holds the
+            # old address open; the old workers have copies of their own
+            # until they finish.
+            self.listener.close()
+            self.listener = sock
+        if status is not None:
             self.status.close()
             self.status = status
         old_workers = self.active()
@@ -312,8 +327,6 @@ class Arbiter:
         self.maintain_workers()
         for worker in old_workers:
             self._kill(worker.pid, signal.SIGTERM)
-        if old_listener is not None:
-            old_listener.close()
         self._set_title()
         notify("READY=1")
 

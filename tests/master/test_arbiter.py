@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,6 +17,7 @@ import pytest
 
 from tests.conftest import proxy_params
 from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.daemon import TEST_ENV, free_port, wait_listening
 from tests.support.procs import workers
 from tests.support.waiting import wait_until
 
@@ -137,6 +143,77 @@ def test_hup_with_a_bad_configuration_keeps_the_running_one(fresh_amqplexd, tmp_
     connection = pika.BlockingConnection(proxy_params(daemon.port))
     assert connection.channel().is_open
     connection.close()
+
+
+@contextlib.contextmanager
+def daemon_from_file(config: pathlib.Path, log: pathlib.Path):
+    """amqplexd whose listener and status ports come from `config` alone
+    (the Amqplexd helper fixes them with flags, which a reload cannot move)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMQP_")}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "amqplex", f"amqp://{BROKER_HOST}:{BROKER_PORT}"]
+            + ["-w", "1", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, **TEST_ENV},
+        )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def serves(port: int) -> bool:
+    connection = pika.BlockingConnection(proxy_params(port))
+    try:
+        return connection.channel().is_open
+    finally:
+        connection.close()
+
+
+def ports_config(port: int, status_port: int) -> str:
+    return f"listen:\n  address: 127.0.0.1\n  port: {port}\nmetrics:\n  port: {status_port}\n"
+
+
+def test_hup_moving_the_ports_serves_the_new_ones_and_lets_the_old_ones_go(tmp_path):
+    old, old_status, new, new_status = (free_port() for _ in range(4))
+    config = tmp_path / "amqplex.yaml"
+    config.write_text(ports_config(old, old_status))
+    with daemon_from_file(config, tmp_path / "log") as process:
+        wait_listening(old, time.monotonic() + 20, process)
+        config.write_text(ports_config(new, new_status))
+        os.kill(process.pid, signal.SIGHUP)
+        wait_listening(new, time.monotonic() + 20, process)
+        assert serves(new)
+        # Once the old worker has drained, nothing holds the old ports open
+        # (the new worker was forked without them).
+        wait_until(lambda: refused(old) and refused(old_status), timeout=20)
+
+
+def test_hup_refused_for_a_taken_status_port_keeps_the_old_listener_alone(tmp_path):
+    old, old_status, new = free_port(), free_port(), free_port()
+    config = tmp_path / "amqplex.yaml"
+    config.write_text(ports_config(old, old_status))
+    with (
+        socket.create_server(("127.0.0.1", 0)) as taken,
+        daemon_from_file(config, tmp_path / "log") as process,
+    ):
+        wait_listening(old, time.monotonic() + 20, process)
+        config.write_text(ports_config(new, taken.getsockname()[1]))
+        os.kill(process.pid, signal.SIGHUP)
+        wait_until(lambda: "reload refused" in (tmp_path / "log").read_text())
+        assert refused(new)  # bound for the reload, and let go with it
+        assert serves(old)
 
 
 def test_term_drains_then_closes_with_320_and_exits_0(fresh_amqplexd, queue_name):
