@@ -218,13 +218,15 @@ def _pairs(fields: dict) -> str:
 
 def _text(value: object) -> str:
     """A value as it goes after "key=": bare, or quoted as JSON when empty or
-    holding a space or a quote. A session line has eight, so the usual
-    cases skip json.dumps: numbers, and printable ASCII that quotes as is."""
+    holding a space, a quote or anything unprintable (a newline in a client's
+    user name must not start a line of its own). A session line has eight,
+    so the usual cases skip json.dumps: numbers, and printable ASCII that
+    quotes as is."""
     kind = type(value)
     if kind is int or kind is float:
         return str(value)
     text = value if kind is str else str(value)
-    if text and " " not in text and '"' not in text:
+    if text and " " not in text and '"' not in text and text.isprintable():
         return text
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return f'"{text}"'

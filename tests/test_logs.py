@@ -224,5 +224,10 @@ def test_a_deferred_line_below_the_level_is_dropped_and_without_buffering_writte
 @given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()))
 def test_a_field_value_is_bare_or_quoted_as_json_would_quote_it(value):
     text = str(value)
-    quoted = not text or " " in text or '"' in text
+    quoted = not text or " " in text or '"' in text or not text.isprintable()
     assert logs._text(value) == (json.dumps(text) if quoted else text)
+
+
+def test_a_client_chosen_value_cannot_start_a_log_line_of_its_own():
+    forged = "x\n2026-12-03 13:00:00,000 1 ERROR\tamqplex: forged"
+    assert "\n" not in logs._pairs({"user": forged, "vhost": "a\tb"})

@@ -359,8 +359,10 @@ class Arbiter:
         for worker in list(self.workers.values()):
             worker.draining = True
             self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+        # A worker's drain (Worker.drain): clients up to drain_timeout, their
+        # Close up to close_timeout, the upstreams' Close as long again.
         grace = (
-            self.config.drain_timeout + self.config.client.close_timeout + KILL_GRACE
+            self.config.drain_timeout + 2 * self.config.client.close_timeout + KILL_GRACE
             if graceful
             else KILL_GRACE
         )
