@@ -105,9 +105,11 @@ def test_unit_checks_the_configuration_it_starts_with():
 
 def test_unit_stop_timeout_outlasts_the_drain():
     # systemd SIGKILLs at TimeoutStopSec; the master itself may take the drain,
-    # the close handshake and its own grace before it kills a stuck worker.
+    # the two close handshakes (clients', upstreams') and its own grace before
+    # it kills a stuck worker.
     defaults = Config()
-    master_stop = defaults.drain_timeout + defaults.client.close_timeout + arbiter.KILL_GRACE
+    closes = 2 * defaults.client.close_timeout
+    master_stop = defaults.drain_timeout + closes + arbiter.KILL_GRACE
     assert service("KillSignal") == "SIGTERM"
     assert seconds(service("TimeoutStopSec")) > master_stop
 
