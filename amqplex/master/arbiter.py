@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 import typing
@@ -78,6 +79,9 @@ class Arbiter:
         self._failures = 0
         self._next_spawn = 0.0
         self.status: StatusServer | None = None
+        # The SSL contexts of the running configuration: /ready's probe
+        # dials an amqps:// broker as the workers do.
+        self._contexts = tls.Contexts()
         self.draining = False
 
     # -- the main loop ---------------------------------------------------------
@@ -96,6 +100,7 @@ class Arbiter:
 
     def start(self) -> None:
         raise_nofile_limit()
+        self._contexts = tls.build(self.config)
         listen = self.config.listen
         self.listener = listener.bind(listen.address, listen.port)
         self.status = self._bind_status(self.config)
@@ -139,6 +144,9 @@ class Arbiter:
 
     def broker_address(self) -> tuple[str, int]:
         return self.config.upstream.host, self.config.upstream.port
+
+    def broker_tls(self) -> ssl.SSLContext | None:
+        return self._contexts.upstream
 
     def _on_signal(self, signum: int, frame) -> None:
         self._signals.append(signum)
@@ -275,7 +283,8 @@ class Arbiter:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = self._reload()
-        except ConfigError as error:
+            contexts = tls.build(new)
+        except (ConfigError, tls.SettingError) as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             notify("READY=1")
             return
@@ -319,6 +328,7 @@ class Arbiter:
             self.status = status
         old_workers = self.active()
         self.config = new
+        self._contexts = contexts
         tls.log_at_start(new)
         self.num_workers = new.workers
         for worker in old_workers:

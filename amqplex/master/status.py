@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import ssl
 import time
 import typing
 
@@ -35,6 +36,8 @@ class Health(typing.Protocol):
     def accepting(self) -> tuple[bool, str]: ...
 
     def broker_address(self) -> tuple[str, int]: ...
+
+    def broker_tls(self) -> ssl.SSLContext | None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -166,7 +169,7 @@ class StatusServer:
         failure = values["amqplex_upstream_last_dial_failure_timestamp_seconds"]
         if success > failure and time.time() - success < READY_WINDOW:
             return True, "OK: upstream dialled recently"
-        return _probe(*self.health.broker_address())
+        return _probe(*self.health.broker_address(), self.health.broker_tls())
 
 
 def _gauge_values(*names: str) -> dict[str, float]:
@@ -180,12 +183,15 @@ def _gauge_values(*names: str) -> dict[str, float]:
     return found
 
 
-def _probe(host: str, port: int) -> tuple[bool, str]:
-    """Does the broker answer an AMQP protocol header with Connection.Start?"""
+def _probe(host: str, port: int, context: ssl.SSLContext | None) -> tuple[bool, str]:
+    """Does the broker answer an AMQP protocol header with Connection.Start
+    (over TLS, as the workers dial it, for an amqps:// upstream)?"""
     try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as sock:
-            sock.sendall(PROTOCOL_HEADER)
-            head = sock.recv(7)
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as plain:
+            sock = context.wrap_socket(plain, server_hostname=host) if context else plain
+            with sock:
+                sock.sendall(PROTOCOL_HEADER)
+                head = sock.recv(7)
     except OSError as error:
         return False, f"upstream unreachable: {host}:{port}: {error}"
     if head[:1] == b"\x01":

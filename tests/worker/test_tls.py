@@ -33,6 +33,7 @@ import yaml
 from amqplex import tls
 from amqplex.config import Config, ConfigError, load
 from amqplex.config.settings import UpstreamConfig
+from amqplex.master import status
 from amqplex.protocol.constants import PROTOCOL_HEADER
 from tests.conftest import proxy_params
 from tests.support.certs import listener_env
@@ -217,6 +218,16 @@ def test_amqps_upstream_verified_against_ca_cert_with_sni(fresh_amqplexd, certs,
     round_trip(proxy_params(daemon.port))
     assert relay.connection_count >= 1
     assert "localhost" in relay.server_names
+
+
+def test_ready_probes_an_amqps_broker_over_tls(certs, tls_relay):
+    """/ready's probe (when no worker holds or lately dialled an upstream)
+    speaks TLS to an amqps:// broker, as the workers do."""
+    relay = tls_relay(certs.broker)
+    context = ssl.create_default_context(cafile=certs.ca_file)
+    assert status._probe(relay.host, relay.port, context) == (True, "OK: broker answered a probe")
+    # A plain protocol header gets no answer from a TLS port.
+    assert status._probe(relay.host, relay.port, None)[0] is False
 
 
 def test_tls_on_both_sides_at_once(fresh_amqplexd, certs, tls_relay):
