@@ -28,6 +28,9 @@ MAX_REQUEST = 8192
 # A worker's successful dial this recent still says the broker is reachable.
 READY_WINDOW = 10.0
 PROBE_TIMEOUT = 1.0
+# Requests being read at once; past it the oldest goes, so that idle
+# connections cannot pile up in the master (its loop, its descriptors).
+MAX_OPEN_REQUESTS = 64
 
 
 class Health(typing.Protocol):
@@ -87,6 +90,9 @@ class StatusServer:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
+        if len(self._requests) >= MAX_OPEN_REQUESTS:
+            oldest = next(iter(self._requests))  # dicts keep their order
+            self._requests.pop(oldest).sock.close()
         self._requests[sock.fileno()] = _Request(sock, time.monotonic())
 
     def _read(self, request: _Request) -> None:

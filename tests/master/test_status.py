@@ -6,12 +6,14 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import time
 
 import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from amqplex.master.status import MAX_OPEN_REQUESTS
 from tests.conftest import proxy_params
 from tests.master.test_arbiter import serving_workers
 from tests.support.daemon import free_port
@@ -51,6 +53,26 @@ def test_health_is_ok_while_accepting(daemon):
 def test_ready_while_the_broker_is_reachable(daemon):
     status, _, body = get(daemon.status_port, "/ready")
     assert status == 200, body
+
+
+def test_idle_connections_to_the_status_port_do_not_pile_up_in_the_master(fresh_amqplexd):
+    """Connections that never send a request: past MAX_OPEN_REQUESTS the
+    oldest are let go, so the master holds a bounded number of descriptors
+    (select() takes none past 1023) and answers the next request."""
+    daemon = fresh_amqplexd("-w", "1")
+    master = daemon.process.pid
+    before = len(os.listdir(f"/proc/{master}/fd"))
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", daemon.status_port), timeout=10))
+        status, _, _ = get(daemon.status_port, "/")
+        assert status == 200
+        held = len(os.listdir(f"/proc/{master}/fd")) - before
+        assert held <= MAX_OPEN_REQUESTS + 1 < len(idle)
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_not_ready_when_the_broker_cannot_be_reached(fresh_amqplexd):
