@@ -121,22 +121,17 @@ def test_exclusive_queue_is_deleted_when_every_channel_id_is_in_use(
     other.channel()
     with RawClient(daemon.port) as client:
         client.handshake(user.name, user.password)
-        client.open_channel(1)
-        client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
-        client.expect(commands.Queue.DeclareOk)
-        client.method(
-            0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
-        )
-        client.expect(commands.Connection.CloseOk)
+        _own_and_leave(client, queue_name, channel=1)
     wait_until(lambda: queue_name not in queue_names())
     other.close()
 
 
-def _leave_with_a_marker(client: RawClient, marker: str) -> None:
-    """Declare an exclusive `marker` queue and leave politely: once the
-    marker is gone, the proxy has deleted whatever it took for the client's."""
-    client.open_channel(9)
-    client.method(9, commands.Queue.Declare(queue=marker, exclusive=True))
+def _own_and_leave(client: RawClient, queue: str, channel: int = 9) -> None:
+    """Declare an exclusive `queue` on a new `channel` and leave politely. As
+    a marker: once it is gone, the proxy has deleted whatever it took for
+    the client's."""
+    client.open_channel(channel)
+    client.method(channel, commands.Queue.Declare(queue=queue, exclusive=True))
     client.expect(commands.Queue.DeclareOk)
     client.method(
         0, commands.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
@@ -158,7 +153,7 @@ def test_passive_declare_marked_exclusive_leaves_a_shared_queue_shared(
         client.method(1, commands.Queue.Declare(queue=queue_name, passive=True, exclusive=True))
         client.expect(commands.Queue.DeclareOk)
         assert b.channel().basic_get(queue_name, auto_ack=True) == (None, None, None)
-        _leave_with_a_marker(client, marker)
+        _own_and_leave(client, marker)
     wait_until(lambda: marker not in queue_names())
     assert queue_name in queue_names()
 
@@ -194,7 +189,7 @@ def test_refused_nowait_exclusive_declare_leaves_the_shared_queue_alone(
         _, close = client.expect(commands.Channel.Close)
         assert (close.class_id, close.method_id) == (50, 10), close
         client.method(1, commands.Channel.CloseOk())
-        _leave_with_a_marker(client, marker)
+        _own_and_leave(client, marker)
     wait_until(lambda: marker not in queue_names())
     assert queue_name in queue_names()
 

@@ -17,6 +17,14 @@ from tests.support.broker import proxy_connections
 from tests.support.rawclient import RawClient
 from tests.support.waiting import wait_until
 
+# One upstream of three channel ids, none kept idle, and a second's wait for one.
+THREE_CHANNELS_IN_ALL = {
+    "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
+    "AMQP_POOL_MAX_CHANNELS": "3",
+    "AMQP_POOL_IDLE_CHANNELS": "0",
+    "AMQP_POOL_ACQUIRE_TIMEOUT": "1",
+}
+
 
 def worker_pids(master: int) -> list[int]:
     with open(f"/proc/{master}/task/{master}/children") as handle:
@@ -47,14 +55,7 @@ def test_client_over_the_connection_limit_gets_a_close_it_can_read(fresh_amqplex
 
 
 def test_channel_wait_is_bounded_when_every_allowed_upstream_is_full(fresh_amqplexd, user):
-    daemon = fresh_amqplexd(
-        env={
-            "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
-            "AMQP_POOL_MAX_CHANNELS": "3",
-            "AMQP_POOL_IDLE_CHANNELS": "0",
-            "AMQP_POOL_ACQUIRE_TIMEOUT": "1",
-        }
-    )
+    daemon = fresh_amqplexd(env=THREE_CHANNELS_IN_ALL)
     holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
     for connection in holders:
         connection.channel()
@@ -80,14 +81,7 @@ def test_a_channel_closed_while_it_waits_for_room_is_given_nothing_later(
     """Closed by its client, or by the proxy, a channel stops waiting: the
     bound on the wait does not close its client afterwards, and a channel
     freed before the client's CloseOk goes to the next client, not to it."""
-    daemon = fresh_amqplexd(
-        env={
-            "AMQP_POOL_MAX_UPSTREAM_CONNECTIONS": "1",
-            "AMQP_POOL_MAX_CHANNELS": "3",
-            "AMQP_POOL_IDLE_CHANNELS": "0",
-            "AMQP_POOL_ACQUIRE_TIMEOUT": "1",
-        }
-    )
+    daemon = fresh_amqplexd(env=THREE_CHANNELS_IN_ALL)
     holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
     channels = [connection.channel() for connection in holders]
     channels[0].queue_declare(queue_name, exclusive=True)
