@@ -88,6 +88,9 @@ _EXPECT_METHOD, _EXPECT_HEADER, _EXPECT_BODY = 0, 1, 2
 # client's own, declared nowait, so the DeclareOk is the proxy's to take.
 _SHARED, _OWNED, _OWNED_QUIETLY = 0, 1, 2
 _NO_WAIT = 0b10000  # Queue.Declare's fifth bit
+# Bytes a channel waiting for an upstream channel holds before its client
+# is no longer read (pool.acquire_timeout bounds the wait itself).
+PENDING_LIMIT = 1 << 20
 
 
 class ClientChannel:
@@ -97,6 +100,7 @@ class ClientChannel:
         "cid_bytes",
         "slot",
         "pending",
+        "pending_size",
         "answer_open",
         "expect",
         "body_left",
@@ -116,8 +120,10 @@ class ClientChannel:
         self.cid = cid
         self.cid_bytes = channel_bytes(cid)
         self.slot: UpstreamChannel | None = None
-        # Client frames that arrived before an upstream channel was found.
+        # Client frames that arrived before an upstream channel was found,
+        # and their bytes (past PENDING_LIMIT the client is not read).
         self.pending: list[bytes] = []
+        self.pending_size = 0
         # Whether the broker's OpenOk is still to be passed to the client.
         self.answer_open = False
         self.expect = _EXPECT_METHOD
@@ -162,6 +168,9 @@ class ClientChannel:
             frames = retarget(self.pending, uid)
             self.pending = []
             slot.upstream.writer.write_many(frames)
+            if self.pending_size > PENDING_LIMIT:
+                self.session.resume_reading()
+            self.pending_size = 0
         self.session.channel_bound(slot.upstream)
 
     def upstream_opened(self) -> None:
@@ -361,12 +370,21 @@ class ClientChannel:
     def _send(self, frame: bytes) -> None:
         slot = self.slot
         if slot is None:
-            self.pending.append(frame)
+            self._hold((frame,))
             return
         upstream = slot.upstream
         upstream.writer.write(rewrite_channel(frame, slot.uid_bytes))
         if upstream.paused:
             upstream.stall(self.session)
+
+    def _hold(self, frames: typing.Sequence) -> None:
+        """Keep `frames` until an upstream channel is found (bind); past
+        PENDING_LIMIT the client is not read meanwhile, as it would not be
+        read by a broker that stopped taking its frames."""
+        self.pending.extend(frames)
+        self.pending_size += sum(map(len, frames))
+        if self.pending_size > PENDING_LIMIT:
+            self.session.pause_reading()
 
     def _send_content(self) -> None:
         self.session.worker.stats.messages_published += 1
@@ -374,7 +392,7 @@ class ClientChannel:
         self.expect = _EXPECT_METHOD
         slot = self.slot
         if slot is None:
-            self.pending.extend(content)
+            self._hold(content)
             return
         upstream = slot.upstream
         uid = slot.uid_bytes

@@ -4,6 +4,7 @@ and for reading exactly what comes back."""
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
@@ -178,6 +179,35 @@ class RawClient:
 
 def body_frame(channel: int, body: bytes) -> bytes:
     return struct.pack(">BHI", 3, channel, len(body)) + body + b"\xce"
+
+
+def message(channel: int, routing_key: str, body: bytes) -> bytes:
+    """A whole publish to the default exchange: method, header, one body frame."""
+    return (
+        frame.marshal(commands.Basic.Publish(exchange="", routing_key=routing_key), channel)
+        + frame.marshal(header.ContentHeader(0, len(body), commands.Basic.Properties()), channel)
+        + body_frame(channel, body)
+    )
+
+
+def send_until_refused(sock: socket.socket, data: bytes, refused_for: float, timeout: float) -> int:
+    """Send `data` without blocking until the peer has taken nothing for
+    `refused_for` seconds (or all of it went); how many bytes went. The
+    socket is left non-blocking."""
+    sock.setblocking(False)
+    sent, refused_since = 0, None
+    deadline = time.monotonic() + timeout
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent : sent + 65536])
+            refused_since = None
+        except BlockingIOError:
+            now = time.monotonic()
+            refused_since = refused_since or now
+            if now - refused_since >= refused_for:
+                return sent
+            select.select([], [sock], [], refused_for)
+    return sent
 
 
 def amqplain_response(user: str, password: str) -> bytes:

@@ -5,18 +5,17 @@ the clients that asked for it, Basic.Cancel only those that advertised it."""
 from __future__ import annotations
 
 import re
-import select
 import struct
 import time
 
 import pika
 import pytest
-from pamqp import commands, frame, header
+from pamqp import commands
 
 from amqplex.protocol.constants import FRAME_HEARTBEAT
 from tests.conftest import proxy_params
 from tests.support.broker import queue_names, rabbitmqctl
-from tests.support.rawclient import RawClient, body_frame
+from tests.support.rawclient import RawClient, message, send_until_refused
 from tests.support.waiting import wait_until
 
 
@@ -265,19 +264,15 @@ def test_a_client_the_proxy_stops_reading_is_not_dropped_for_missed_heartbeats(
     wait unread in the kernel, so it is not taken for silent, as RabbitMQ
     itself stops watching a blocked connection's heartbeats."""
     raise_alarm, clear_alarm = memory_alarm
-    message = (
-        frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue_name), 1)
-        + frame.marshal(header.ContentHeader(0, 65536, commands.Basic.Properties()), 1)
-        + body_frame(1, bytes(65536))
-    )
-    stream = message * 500  # 33 MB, more than the sockets on the way hold
+    one = message(1, queue_name, bytes(65536))
+    stream = one * 500  # 33 MB, more than the sockets on the way hold
     with RawClient(amqplexd.port) as client:
         client.handshake(user.name, user.password, heartbeat=1)
         client.open_channel(1)
         client.method(1, commands.Queue.Declare(queue=queue_name))
         client.expect(commands.Queue.DeclareOk)
         raise_alarm()
-        sent = _send_until_refused(client.sock, stream, refused_for=0.5, timeout=30)
+        sent = send_until_refused(client.sock, stream, refused_for=0.5, timeout=30)
         assert sent < len(stream), "the proxy never stopped reading the client"
         # Three of its heartbeat intervals unread, and it is still in.
         end = time.monotonic() + 3
@@ -290,28 +285,9 @@ def test_a_client_the_proxy_stops_reading_is_not_dropped_for_missed_heartbeats(
             assert got[0] == FRAME_HEARTBEAT, got
         clear_alarm()
         client.sock.setblocking(True)
-        client.sock.sendall(stream[sent : sent + (-sent) % len(message)])  # the last message whole
+        client.sock.sendall(stream[sent : sent + (-sent) % len(one)])  # the last message whole
         client.method(1, commands.Queue.Declare(queue=queue_name, passive=True))
         client.expect(commands.Queue.DeclareOk, timeout=30)
-
-
-def _send_until_refused(sock, data: bytes, refused_for: float, timeout: float) -> int:
-    """Send `data` without blocking until the peer has taken nothing for
-    `refused_for` seconds (or all of it went); how many bytes went."""
-    sock.setblocking(False)
-    sent, refused_since = 0, None
-    deadline = time.monotonic() + timeout
-    while sent < len(data) and time.monotonic() < deadline:
-        try:
-            sent += sock.send(data[sent : sent + 65536])
-            refused_since = None
-        except BlockingIOError:
-            now = time.monotonic()
-            refused_since = refused_since or now
-            if now - refused_since >= refused_for:
-                return sent
-            select.select([], [sock], [], refused_for)
-    return sent
 
 
 def test_blocked_and_unblocked_reach_clients_that_advertised_it(

@@ -14,7 +14,7 @@ from pamqp import commands
 from tests.conftest import proxy_params
 from tests.master.test_status import scrape
 from tests.support.broker import proxy_connections
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, message, send_until_refused
 from tests.support.waiting import wait_until
 
 # One upstream of three channel ids, none kept idle, and a second's wait for one.
@@ -104,6 +104,38 @@ def test_a_channel_closed_while_it_waits_for_room_is_given_nothing_later(
         with pytest.raises(TimeoutError):
             client.read_frame(timeout=2)
     for connection in (*holders, late):
+        connection.close()
+
+
+def test_a_channel_waiting_for_room_stops_reading_its_client_past_a_bound(
+    fresh_amqplexd, user, queue_name
+):
+    """What a client sends on a channel still waiting for an upstream channel
+    is held up to PENDING_LIMIT; past it the client is not read until the
+    channel has one, and then all of it arrives."""
+    daemon = fresh_amqplexd(env={**THREE_CHANNELS_IN_ALL, "AMQP_POOL_ACQUIRE_TIMEOUT": "30"})
+    holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
+    channels = [connection.channel() for connection in holders]
+    channels[0].queue_declare(queue_name)
+    one = message(1, queue_name, bytes(65536))
+    stream = one * 600  # 39 MB
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.method(1, commands.Channel.Open())  # no room: it waits
+        sent = send_until_refused(client.sock, stream, refused_for=0.5, timeout=20)
+        # The bound and what the sockets on the way hold, not the whole stream.
+        assert sent < 16 << 20
+        holders.pop().close()
+        client.sock.settimeout(30)
+        client.sock.sendall(stream[sent:])
+        client.expect(commands.Channel.OpenOk)
+        client.method(1, commands.Queue.Declare(queue=queue_name, passive=True))
+        client.expect(commands.Queue.DeclareOk, timeout=30)
+    wait_until(
+        lambda: channels[0].queue_declare(queue_name, passive=True).method.message_count == 600,
+        timeout=30,
+    )
+    for connection in holders:
         connection.close()
 
 
