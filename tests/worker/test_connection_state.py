@@ -4,6 +4,7 @@ the clients that asked for it, Basic.Cancel only those that advertised it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 import time
@@ -138,6 +139,15 @@ def _own_and_leave(client: RawClient, queue: str, channel: int = 9) -> None:
     client.expect(commands.Connection.CloseOk)
 
 
+@contextlib.contextmanager
+def _in_with_a_channel(port: int, user, **handshake):
+    """A raw client logged in as `user`, with channel 1 open."""
+    with RawClient(port) as client:
+        client.handshake(user.name, user.password, **handshake)
+        client.open_channel(1)
+        yield client
+
+
 def test_passive_declare_marked_exclusive_leaves_a_shared_queue_shared(
     two_clients, amqplexd, user, queue_name
 ):
@@ -146,9 +156,7 @@ def test_passive_declare_marked_exclusive_leaves_a_shared_queue_shared(
     a, b = two_clients
     a.channel().queue_declare(queue_name)
     marker = f"{queue_name}.marker"
-    with RawClient(amqplexd.port) as client:
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
+    with _in_with_a_channel(amqplexd.port, user) as client:
         client.method(1, commands.Queue.Declare(queue=queue_name, passive=True, exclusive=True))
         client.expect(commands.Queue.DeclareOk)
         assert b.channel().basic_get(queue_name, auto_ack=True) == (None, None, None)
@@ -161,9 +169,7 @@ def test_nowait_exclusive_declare_makes_the_queue_the_clients_and_answers_nothin
     two_clients, amqplexd, user, queue_name
 ):
     _, b = two_clients
-    with RawClient(amqplexd.port) as client:
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
+    with _in_with_a_channel(amqplexd.port, user) as client:
         client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True, nowait=True))
         client.method(1, commands.Basic.Qos(prefetch_count=1))
         _, answer = client.read_method()
@@ -181,9 +187,7 @@ def test_refused_nowait_exclusive_declare_leaves_the_shared_queue_alone(
     a, _ = two_clients
     a.channel().queue_declare(queue_name)
     marker = f"{queue_name}.marker"
-    with RawClient(amqplexd.port) as client:
-        client.handshake(user.name, user.password)
-        client.open_channel(1)
+    with _in_with_a_channel(amqplexd.port, user) as client:
         client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True, nowait=True))
         _, close = client.expect(commands.Channel.Close)
         assert (close.class_id, close.method_id) == (50, 10), close
@@ -266,9 +270,7 @@ def test_a_client_the_proxy_stops_reading_is_not_dropped_for_missed_heartbeats(
     raise_alarm, clear_alarm = memory_alarm
     one = message(1, queue_name, bytes(65536))
     stream = one * 500  # 33 MB, more than the sockets on the way hold
-    with RawClient(amqplexd.port) as client:
-        client.handshake(user.name, user.password, heartbeat=1)
-        client.open_channel(1)
+    with _in_with_a_channel(amqplexd.port, user, heartbeat=1) as client:
         client.method(1, commands.Queue.Declare(queue=queue_name))
         client.expect(commands.Queue.DeclareOk)
         raise_alarm()
