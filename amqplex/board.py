@@ -1,10 +1,11 @@
 """How many clients each worker holds, in memory the master maps before it
 forks, so a worker can tell it holds more than its share (worker/gate.py).
 
-One 8-byte slot per worker process, written only by that worker; the master
-hands slots out at fork and takes them back when it reaps the worker. A slot
-of a worker that is not accepting (stopped, draining, gone) holds
-NOT_ACCEPTING and is left out of what the others read.
+One 8-byte slot per worker process, written by that worker while it lives;
+the master hands slots out at fork and takes them back when it reaps the
+worker. A slot of a worker that is not accepting (stopped, draining, gone)
+holds NOT_ACCEPTING (the master writes it when it takes the slot back) and
+is left out of what the others read.
 """
 
 from __future__ import annotations

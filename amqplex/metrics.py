@@ -86,7 +86,7 @@ WORKER_RESTARTS = Counter("amqplex_worker_restarts", "Workers that died and were
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 CLIENT_HANDSHAKE_SECONDS = Histogram(
     "amqplex_client_handshake_seconds",
-    "From a client's protocol header to its OpenOk",
+    "From a client's connection (over TLS, its TLS handshake done) to its OpenOk",
     buckets=HANDSHAKE_BUCKETS,
 )
 UPSTREAM_DIAL_SECONDS = Histogram(

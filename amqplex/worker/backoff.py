@@ -1,6 +1,6 @@
 """Exponential backoff with jitter for redialling a broker that is away:
 500 ms doubling to 30 s (DESIGN rule 8), each delay jittered by +-20% so
-that many pools and workers do not redial in lockstep."""
+that many pools and workers do not redial in lockstep, at the cap too."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import random
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
 JITTER = 0.2
+# Doublings past the cap change nothing, and 2.0**1024 is no float: an
+# outage of hours must not stop the redials.
+_DOUBLINGS = 16
 
 
 class Backoff:
-    __slots__ = ("attempts", "_first", "_cap")
+    __slots__ = ("attempts",)
 
-    def __init__(self, first: float = FIRST_DELAY, cap: float = MAX_DELAY) -> None:
+    def __init__(self) -> None:
         self.attempts = 0
-        self._first = first
-        self._cap = cap
 
     def next_delay(self) -> float:
-        base = min(self._cap, self._first * 2**self.attempts)
+        base = min(MAX_DELAY, FIRST_DELAY * 2.0 ** min(self.attempts, _DOUBLINGS))
         self.attempts += 1
-        return min(self._cap, base * random.uniform(1 - JITTER, 1 + JITTER))
+        return base * random.uniform(1 - JITTER, 1 + JITTER)

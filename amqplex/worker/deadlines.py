@@ -1,6 +1,7 @@
 """The handshake deadlines of a worker's clients, kept by one timer.
 
-Every client gets the same client.handshake_timeout from when it arrived,
+Every client gets the same client.handshake_timeout from when it arrived
+(connection_made: a TLS client's own handshake is bounded by the listener),
 so clients expire in the order they arrived: a dict in insertion order is
 the queue, and only its oldest entry needs a timer. A timer per client (a
 call_later at accept, its cancel at OpenOk) was a visible part of what a

@@ -4,6 +4,7 @@ metrics the master serves: the data path itself only adds integers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import typing
 
 from amqplex import logs, metrics
@@ -12,6 +13,8 @@ from amqplex.worker.stats import Stats
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.server import Worker
+
+log = logging.getLogger(__name__)
 
 INTERVAL = 1.0
 
@@ -39,7 +42,10 @@ class Exporter:
 
     async def run(self) -> None:
         while True:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bug here must not end the metrics, nor the session lines
+                log.exception("exporting the worker's metrics failed")
             logs.flush(SESSION_LOGGER)
             await asyncio.sleep(INTERVAL)
 

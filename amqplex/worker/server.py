@@ -77,6 +77,7 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()
         self.gate: Gate | None = None
         self.handshakes: HandshakeDeadlines | None = None
+        self.exporter: Exporter | None = None
 
     def spawn(self, coroutine: typing.Coroutine) -> asyncio.Task:
         """Run a background task the worker keeps a reference to."""
@@ -142,7 +143,8 @@ class Worker:
                 type(self.loop).__module__.split(".")[0],
             )
         self.spawn(self._sweep_forever())
-        self.spawn(Exporter(self).run())
+        self.exporter = Exporter(self)
+        self.spawn(self.exporter.run())
         self.spawn(memory.release_forever())
 
     def _serve_on(self, sock: socket.socket) -> typing.Awaitable[asyncio.AbstractServer]:
@@ -171,6 +173,9 @@ class Worker:
         if await stop:
             setproctitle(f"amqplexd: worker {self.slot} (draining)")
             await self.drain(self.config.drain_timeout)
+            # The last second's counters too (the drain's 320s, the last
+            # sessions' bytes): the exporter would next run after the exit.
+            self.exporter.flush()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting; give clients `timeout` to leave, then close them

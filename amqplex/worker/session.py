@@ -144,7 +144,9 @@ class ClientSession(asyncio.Protocol):
         # The protocol header's bytes, while it arrives in pieces.
         self._header = b""
         self.peer = ""
-        self.started = self.loop.time()
+        # Set when its conversation can begin (connection_made: for a TLS
+        # client, after the TLS handshake, which has its own bound).
+        self.started = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.close_code = 0
@@ -167,6 +169,8 @@ class ClientSession(asyncio.Protocol):
         self.writer = BatchedWriter(transport, self.loop)
         self.worker.stats.client_connections += 1
         self.worker.session_began(self)
+        # Now, not at accept: the deadlines expire in the order clients are added.
+        self.started = self.loop.time()
         self.worker.handshakes.add(self, self.started)
 
     def data_received(self, data: bytes) -> None:
@@ -690,8 +694,10 @@ class ClientSession(asyncio.Protocol):
 
     def _end(self) -> None:
         try:
-            self._log_end()
+            # Its bytes move from the live sessions' to the totals first: the
+            # exporter's sum of the two must never go down.
             self.worker.stats.session_ended(self.bytes_in, self.bytes_out)
+            self._log_end()
             self.state = State.CLOSED
             if self._logged_in is not None:
                 self._logged_in.discard_login()

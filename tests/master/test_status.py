@@ -17,6 +17,7 @@ from amqplex.master.status import MAX_OPEN_REQUESTS
 from tests.conftest import proxy_params
 from tests.master.test_arbiter import serving_workers
 from tests.support.daemon import free_port
+from tests.support.procs import workers
 from tests.support.waiting import wait_until
 
 
@@ -73,6 +74,19 @@ def test_idle_connections_to_the_status_port_do_not_pile_up_in_the_master(fresh_
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_replaced_workers_last_counters_reach_the_metrics(fresh_amqplexd):
+    """The exporter runs once a second; a worker replaced by a reload right
+    after its last clients left still has their counters exported."""
+    daemon = fresh_amqplexd("-w", "1")
+    old = wait_until(lambda: serving_workers(daemon.process.pid))
+    for _ in range(3):
+        pika.BlockingConnection(proxy_params(daemon.port)).close()
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    wait_until(lambda: not set(old) & set(workers(daemon.process.pid)), timeout=20)
+    # Three, and the harness's own check that the port listens.
+    assert scrape(daemon.status_port)["amqplex_client_connections_total"] >= 3
 
 
 def test_not_ready_when_the_broker_cannot_be_reached(fresh_amqplexd):
