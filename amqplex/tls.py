@@ -162,12 +162,11 @@ def install(config: Config) -> Contexts:
 
 
 def _upstream_ssl() -> ssl.SSLContext:
-    global _installed
+    # A worker installs its configuration's contexts before it dials; a
+    # context made up here would ignore tls.ca_cert, the client
+    # certificate and tls.skip_verify.
     if _installed is None or _installed.upstream is None:
-        # Nothing installed for amqps (a tool dialling on its own): the OS trust store.
-        _installed = dataclasses.replace(
-            _installed or Contexts(), upstream=ssl.create_default_context()
-        )
+        raise RuntimeError("an amqps:// dial before tls.install() of its configuration")
     return _installed.upstream
 
 
