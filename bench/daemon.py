@@ -20,10 +20,17 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` different ports free now: each bound while the next is
+    picked (one at a time, the kernel may hand out the same one again)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class Daemon:
@@ -31,8 +38,7 @@ class Daemon:
         self.upstream = upstream
         self.workers = workers
         self.env = env or {}
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.process: subprocess.Popen | None = None
         self.log_path = ""
         # Every worker seen, with its start time, to kill leftovers safely.

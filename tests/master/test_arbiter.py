@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import proxy_params
 from tests.support.broker import BROKER_HOST, BROKER_PORT
-from tests.support.daemon import TEST_ENV, free_port, wait_listening
+from tests.support.daemon import TEST_ENV, free_ports, wait_listening
 from tests.support.procs import workers
 from tests.support.waiting import wait_until
 
@@ -186,7 +186,7 @@ def ports_config(port: int, status_port: int) -> str:
 
 
 def test_hup_moving_the_ports_serves_the_new_ones_and_lets_the_old_ones_go(tmp_path):
-    old, old_status, new, new_status = (free_port() for _ in range(4))
+    old, old_status, new, new_status = free_ports(4)
     config = tmp_path / "amqplex.yaml"
     config.write_text(ports_config(old, old_status))
     with daemon_from_file(config, tmp_path / "log") as process:
@@ -201,7 +201,7 @@ def test_hup_moving_the_ports_serves_the_new_ones_and_lets_the_old_ones_go(tmp_p
 
 
 def test_hup_refused_for_a_taken_status_port_keeps_the_old_listener_alone(tmp_path):
-    old, old_status, new = free_port(), free_port(), free_port()
+    old, old_status, new = free_ports(3)
     config = tmp_path / "amqplex.yaml"
     config.write_text(ports_config(old, old_status))
     with (

@@ -11,6 +11,7 @@ import tempfile
 import time
 import typing
 
+from bench.daemon import free_ports
 from tests.support.broker import BROKER_HOST, BROKER_PORT
 from tests.support.waiting import wait_until
 
@@ -20,9 +21,7 @@ TEST_ENV = {"AMQP_DRAIN_TIMEOUT": "2"}
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_listening(port: int, deadline: float, process: subprocess.Popen | None = None) -> None:
@@ -47,8 +46,7 @@ class Amqplexd:
         env: dict | None = None,
         preexec_fn: typing.Callable[[], None] | None = None,
     ) -> None:
-        self.port = free_port()
-        self.status_port = free_port()
+        self.port, self.status_port = free_ports(2)
         self.upstream = upstream or f"amqp://{BROKER_HOST}:{BROKER_PORT}"
         log_fd, self.log_path = tempfile.mkstemp(prefix="amqplexd-", suffix=".log")
         self.process = subprocess.Popen(
