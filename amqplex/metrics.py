@@ -3,8 +3,9 @@
 Workers write them through prometheus-client's multiprocess mode; the
 master serves the sum on GET /metrics. Gauges are 'livesum' (a dead
 worker's values vanish when the master marks it dead), but for the two
-last-dial timestamps, which are the latest of any worker's, dead or alive. No label carries a
-user name, password or address; every label's values are a small fixed set.
+last-dial timestamps, the latest of any worker's, dead or alive. No label
+carries a user name, password or address; every label's values are a
+small fixed set.
 """
 
 from __future__ import annotations

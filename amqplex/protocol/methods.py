@@ -20,6 +20,8 @@ _FRAME_HEAD = struct.Struct(">BHI")
 # its bits after the name: no-wait alone (if-unused, if-empty, no-wait).
 _QUEUE_DELETE = struct.Struct(">HHHB")
 _NO_WAIT_ONLY = b"\x04"
+# Queue.Declare's bits: passive, durable, exclusive, auto-delete, no-wait.
+_DECLARE_NO_WAIT = 0b10000
 _FRAME_END = bytes([FRAME_END])
 
 
@@ -122,6 +124,17 @@ def queue_delete(channel: int, queue: str) -> bytes:
     name = queue.encode()
     payload = _QUEUE_DELETE.pack(50, 40, 0, len(name)) + name + _NO_WAIT_ONLY
     return _FRAME_HEAD.pack(FRAME_METHOD, channel, len(payload)) + payload + _FRAME_END
+
+
+def declare_answered(frame: bytes) -> bytes:
+    """A Queue.Declare frame with its no-wait bit cleared, in the bytes, for
+    the same reason as queue_delete. Its bits follow the method id,
+    reserved-1 and the queue name."""
+    at = FRAME_HEADER_SIZE + 6
+    at += 1 + frame[at]
+    declare = bytearray(frame)
+    declare[at] &= ~_DECLARE_NO_WAIT
+    return bytes(declare)
 
 
 def connection_close(code: int, text: str, class_id: int = 0, method_id: int = 0) -> bytes:

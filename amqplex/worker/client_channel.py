@@ -87,7 +87,6 @@ _EXPECT_METHOD, _EXPECT_HEADER, _EXPECT_BODY = 0, 1, 2
 # not passive: RabbitMQ ignores `exclusive` on a passive declare); the
 # client's own, declared nowait, so the DeclareOk is the proxy's to take.
 _SHARED, _OWNED, _OWNED_QUIETLY = 0, 1, 2
-_NO_WAIT = 0b10000  # Queue.Declare's fifth bit
 # Bytes a channel waiting for an upstream channel holds before its client
 # is no longer read (pool.acquire_timeout bounds the wait itself).
 PENDING_LIMIT = 1 << 20
@@ -338,7 +337,7 @@ class ClientChannel:
             self.declares.append(_OWNED if owned else _SHARED)
         elif owned and method.queue:  # server-named and nowait: nobody learns its name
             self.declares.append(_OWNED_QUIETLY)
-            return _answered_declare(frame)
+            return methods.declare_answered(frame)
         return frame
 
     def _track_consumer(self, method: commands.Basic.Consume) -> None:
@@ -513,17 +512,6 @@ class ClientChannel:
             slot.recycle(self.unsettled, self.largest_body)
         else:
             slot.close()
-
-
-def _answered_declare(frame: bytes) -> bytes:
-    """A Queue.Declare frame with its no-wait bit cleared, in place in the
-    bytes: pamqp would refuse to encode names RabbitMQ accepts (spaces, any
-    UTF-8). Its bits follow the method id, reserved-1 and the queue name."""
-    at = FRAME_HEADER_SIZE + 6
-    at += 1 + frame[at]
-    declare = bytearray(frame)
-    declare[at] &= ~_NO_WAIT
-    return bytes(declare)
 
 
 def _committing(ids: tuple[int, int]) -> ConnectionException:

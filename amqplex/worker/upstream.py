@@ -321,8 +321,7 @@ class Upstream(asyncio.BufferedProtocol):
         if not self.closed:
             self.free_ids.append(slot.uid)
             if self._undeleted:
-                names, self._undeleted = self._undeleted, []
-                self._delete_on(self.open_channel(), names)
+                self.spare(self.open_channel())
             self.pool.channel_freed(self)
 
     # -- flow control ----------------------------------------------------

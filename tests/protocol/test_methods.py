@@ -80,3 +80,14 @@ def test_queue_delete_carries_any_utf8_name():
         False,
         False,
     )
+
+
+def test_declare_answered_clears_only_the_no_wait_bit():
+    for name in ("orders.1", "x" * 200, ""):
+        sent = commands.Queue.Declare(
+            queue=name, exclusive=True, durable=True, nowait=True, arguments={"x-a": 1}
+        )
+        answered = methods.decode(methods.declare_answered(frame.marshal(sent, 1)))
+        assert answered.nowait is False
+        assert (answered.queue, answered.exclusive, answered.durable) == (name, True, True)
+        assert answered.arguments == {"x-a": 1}
