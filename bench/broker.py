@@ -47,20 +47,21 @@ class Admin:
     def count(self, name: str) -> int:
         return self._ch().queue_declare(name, passive=True).method.message_count
 
-    def verify(self, expected: dict[str, int], timeout: float = 10.0) -> None:
+    def verify(self, expected: dict[str, int], timeout: float = 10.0) -> float:
         """Every queue holds exactly its expected message count (waiting up to
-        `timeout` for messages still on their way); raises otherwise."""
+        `timeout` for messages still on their way); raises otherwise. Returns
+        the monotonic time the counts were first seen right."""
         deadline = time.monotonic() + timeout
         while True:
             counts = {name: self.count(name) for name in expected}
             if counts == expected:
-                return
+                return time.monotonic()
             if time.monotonic() > deadline:
                 wrong = {
                     n: f"{counts[n]} != {want}" for n, want in expected.items() if counts[n] != want
                 }
                 raise BenchError(f"message counts wrong (got != expected): {wrong}")
-            time.sleep(0.1)
+            time.sleep(0.01)
 
     def delete(self, name: str) -> None:
         self._ch().queue_delete(name)

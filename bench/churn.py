@@ -14,7 +14,7 @@ from bench.daemon import Daemon
 from bench.relay import Relay
 from bench.report import Row, Target
 from bench.stub import Stub
-from bench.wire import ProtocolError, Wire
+from bench.wire import ProtocolError, Wire, open_wire
 
 try:
     from bench import _cycle
@@ -25,6 +25,7 @@ MESSAGE_SIZE = 64
 WARMUP_CYCLES = 3
 CYCLE_TIMEOUT = 10.0
 RTT_DELAY = 0.005  # each direction
+RTT_PROBES = 20
 
 
 def steps(publish: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -103,6 +104,9 @@ class Churn:
     median_ms: float
     p99_ms: float
     cpu: dict[str, float]  # cores used: generators, amqplexd, broker
+    # From the last cycle's end until the queue held every message: what the
+    # clients' closes left in flight (within ~10 ms; 0 for the stub).
+    drain_ms: float
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,21 +128,24 @@ def measure(
     meter = meter or bench.meter()
     try:
         args = [(addr, queue, seconds)] * concurrency
-        _, results = procs.run(label, churn_worker, args, seconds + bench.profile.timeout, meter)
+        results = procs.run(label, churn_worker, args, seconds + bench.profile.timeout, meter)
+        landed = None
         if delivers:
-            bench.admin.verify({queue: sum(r["published"] for r in results)})
+            landed = bench.admin.verify({queue: sum(r["published"] for r in results)})
     finally:
         bench.admin.delete(queue)
     times = [t for r in results for t in r["times"]]
     if not times:
         raise procs.BenchError(f"{label}: no cycle completed")
-    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    last = max(r["end"] for r in results)
+    wall = last - min(r["start"] for r in results)
     return Churn(
         cycles=len(times),
         rate=len(times) / wall,
         median_ms=median(times) * 1000,
         p99_ms=percentile(times, 0.99) * 1000,
         cpu={"generators": gen_cpu(results, wall), **meter.cores},
+        drain_ms=0.0 if landed is None else max(0.0, landed - last) * 1000,
     )
 
 
@@ -164,7 +171,10 @@ def _report(bench: Bench, scenario: str, runs: dict[str, Churn], rate: Target, m
             f"{name} {used:.2f} ({used / run.rate * 1000:.2f} ms/cycle)"
             for name, used in run.cpu.items()
         )
-        checked = "answered (the stub keeps nothing)" if label == "stub" else "verified"
+        if label == "stub":
+            checked = "answered (the stub keeps nothing)"
+        else:
+            checked = f"verified, all in the queue {run.drain_ms:.0f} ms after the last cycle"
         bench.note(f"{scenario} {label}: {run.cycles} cycles {checked}; cores used: {cores}")
 
 
@@ -178,11 +188,30 @@ def run_churn(bench: Bench) -> None:
     _report(bench, "churn", runs, Target(ratio_at_least=6), Target())
 
 
+def relay_round_trip(addr: tuple) -> float:
+    """The median of RTT_PROBES Basic.Qos round trips through the relay at
+    `addr`, in ms: the round trip the scenario really emulates."""
+    wire = open_wire(addr, CYCLE_TIMEOUT)
+    times = []
+    for _ in range(RTT_PROBES):
+        began = time.monotonic()
+        wire.send(frames.QOS)
+        wire.expect(frames.QOS_OK)
+        times.append(time.monotonic() - began)
+    wire.close()
+    return median(times) * 1000
+
+
 def run_rtt(bench: Bench) -> None:
-    """Both the direct clients and amqplexd's upstream go through the relay."""
+    """Both the direct clients and amqplexd's upstream go through the relay.
+    The stub row is without it: amqplexd answers its clients locally, and
+    the stub shows what local answers cost on this machine."""
     profile = bench.profile
     runs: dict[str, Churn] = {}
     with Relay(BROKER, RTT_DELAY) as relay, Daemon(relay.url, bench.workers) as proxy:
+        round_trip = relay_round_trip(relay.addr)
+        bench.details["relay_round_trip_ms"] = round_trip
+        bench.note(f"churn-10ms-rtt: the relay's round trip to the broker is {round_trip:.2f} ms")
         for label, addr in (("direct", relay.addr), ("proxy", proxy.addr)):
             meter = bench.meter(proxy, relay=[relay.pid])
             try:

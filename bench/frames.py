@@ -33,6 +33,7 @@ CHANNEL_OPEN_OK = method_id(20, 11)
 CHANNEL_CLOSE_ID = method_id(20, 40)
 CHANNEL_CLOSE_OK = method_id(20, 41)
 DECLARE_OK = method_id(50, 11)
+QOS_OK = method_id(60, 11)
 CONSUME_OK = method_id(60, 21)
 DELIVER = method_id(60, 60)
 
@@ -53,6 +54,7 @@ START_OK = _method(
 TUNE_OK = _method(commands.Connection.TuneOk(channel_max=16, frame_max=FRAME_MAX, heartbeat=0))
 CONNECTION_OPEN = _method(commands.Connection.Open(virtual_host="/"))
 CHANNEL_OPEN = _method(commands.Channel.Open(), CHANNEL)
+QOS = _method(commands.Basic.Qos(), CHANNEL)  # the cheapest round trip
 CHANNEL_CLOSE = _method(
     commands.Channel.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0), CHANNEL
 )

@@ -87,21 +87,20 @@ class Group:
                 proc.terminate()
                 proc.join(5)
 
-    def _barrier(self, barrier: threading.Barrier) -> float:
+    def _barrier(self, barrier: threading.Barrier) -> None:
         try:
             barrier.wait(max(0.1, self.deadline - time.monotonic()))
         except threading.BrokenBarrierError:
             self.results()  # raises the worker's error if there is one
             raise BenchError(f"{self.name}: load generators not ready in time") from None
-        return time.monotonic()
 
-    def start(self) -> float:
-        """Wait until every worker called go(); release them; return the time."""
-        return self._barrier(self.sync._go)
+    def start(self) -> None:
+        """Wait until every worker called go(), which releases them."""
+        self._barrier(self.sync._go)
 
-    def ready(self) -> float:
-        """Wait until every worker called ready(); return the time."""
-        return self._barrier(self.sync._ready)
+    def ready(self) -> None:
+        """Wait until every worker called ready()."""
+        self._barrier(self.sync._ready)
 
     def release(self) -> None:
         self.sync._release.set()
@@ -133,17 +132,17 @@ class Meter(Protocol):
 
 def run(
     name: str, fn: Callable, args_list: list[tuple], timeout: float, meter: Meter | None = None
-) -> tuple[float, list[Any]]:
-    """Run workers that only need go(): (release time, results). `meter` is
+) -> list[Any]:
+    """Run workers that only need go() and return their results. `meter` is
     started on release and stopped once every worker has returned."""
     with Group(name, fn, args_list, timeout) as group:
-        started = group.start()
+        group.start()
         if meter is not None:
             meter.begin()
         results = group.results()
         if meter is not None:
             meter.end()
-        return started, results
+        return results
 
 
 SERVER_START_TIMEOUT = 10.0

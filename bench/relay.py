@@ -4,27 +4,35 @@ in both directions: a broker that is 2 x delay of round trip away.
 It runs in its own process (asyncio, uvloop when installed) so it never
 shares a core's interpreter with the harness. Chunks leave in the order they
 came, each at its arrival time plus the delay; a stalled destination pauses
-reading on the source.
+reading on the source. The TCP handshake is local, so a connection's first
+bytes are also held until one round trip after it was accepted, as if the
+connect had taken that long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import math
+import functools
+import time
 import typing
 
 from bench.procs import ChildServer, serve_loopback
 
-TICK = 0.001  # s: delayed chunks leave on whole ticks
+# uvloop's timers are whole milliseconds (rounded) and wake ~0.2 ms late on
+# this VM: they are armed this much early, and chunks due within it go.
+TIMER_SLACK = 0.0005  # s
 
 
 class _Side(asyncio.Protocol):
     """One socket of a relayed connection; forwards what it reads to `peer`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float, inbound: bool) -> None:
         self.loop = loop
         self.delay = delay
+        # Nothing leaves before this (time.monotonic()): the connect's round
+        # trip, for the side the client dialled.
+        self.connected = time.monotonic() + 2 * delay if inbound else 0.0
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         self.pending: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -38,10 +46,16 @@ class _Side(asyncio.Protocol):
         if not self.delay and not self.pending and self._peer_open():
             self.peer.transport.write(data)
             return
-        due = math.ceil((self.loop.time() + self.delay) / TICK) * TICK
+        # time.monotonic(), not loop.time(): uvloop's clock is whole
+        # milliseconds cached per loop turn, which made round trips ~12 ms.
+        due = max(time.monotonic(), self.connected) + self.delay
         self.pending.append((due, data))
         if self.timer is None:
-            self.timer = self.loop.call_at(due, self.flush)
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        wait = due - time.monotonic() - TIMER_SLACK
+        self.timer = self.loop.call_later(max(0.0, wait), self.flush)
 
     def _peer_open(self) -> bool:
         return (
@@ -70,11 +84,11 @@ class _Side(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        now = self.loop.time()
+        now = time.monotonic() + TIMER_SLACK
         while self.pending and self.pending[0][0] <= now:
             peer.transport.write(self.pending.popleft()[1])
         if self.pending:
-            self.timer = self.loop.call_at(self.pending[0][0], self.flush)
+            self._arm(self.pending[0][0])
         elif self.ended:
             peer.transport.close()
 
@@ -90,7 +104,8 @@ class _Side(asyncio.Protocol):
 async def _dial(inbound: _Side, target: tuple[str, int]) -> None:
     loop = inbound.loop
     try:
-        _, outbound = await loop.create_connection(lambda: _Side(loop, inbound.delay), *target)
+        outward = functools.partial(_Side, loop, inbound.delay, inbound=False)
+        _, outbound = await loop.create_connection(outward, *target)
     except OSError:
         inbound.transport.close()
         return
@@ -102,7 +117,7 @@ def _serve(target: tuple[str, int], delay: float, report) -> None:  # noqa: ANN0
         tasks: set[asyncio.Task] = set()
 
         def accept() -> _Side:
-            inbound = _Side(loop, delay)
+            inbound = _Side(loop, delay, inbound=True)
             task = loop.create_task(_dial(inbound, target))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

@@ -76,8 +76,10 @@ class Rate:
 
 
 def publish_worker(sync: procs.Sync, addr: tuple, queue: str, size: int, count: int) -> dict:
-    """Stream `count` messages, then one round trip on the same channel (a
-    passive declare: it is answered after the publishes before it)."""
+    """Stream `count` messages; the clock stops when a passive declare on
+    the same channel first counts all of them in the queue. One declare is
+    not enough: RabbitMQ's queue process answers it ahead of deliveries
+    still in its mailbox (it prioritises `stat`), so it can count short."""
     wire = open_wire(addr, SOCKET_TIMEOUT)
     message = frames.publish(queue, size)
     per_write = max(1, WRITE_SIZE // len(message))
@@ -88,12 +90,18 @@ def publish_worker(sync: procs.Sync, addr: tuple, queue: str, size: int, count: 
     start = time.monotonic()
     for _ in range(writes):
         wire.send(batch)
-    wire.send(message * rest + frames.declare_passive(queue))
-    declared = frames.message_count(wire.expect(frames.DECLARE_OK))
+    declare = frames.declare_passive(queue)
+    wire.send(message * rest + declare)
+    polls = 1
+    while (held := frames.message_count(wire.expect(frames.DECLARE_OK))) < count:
+        if time.monotonic() - start > SOCKET_TIMEOUT:
+            raise TimeoutError(f"{queue} holds {held} of {count} messages")
+        wire.send(declare)
+        polls += 1
     end = time.monotonic()
     cpu = time.process_time() - cpu
     wire.close()
-    return {"start": start, "end": end, "cpu": cpu, "declared": declared}
+    return {"start": start, "end": end, "cpu": cpu, "polls": polls}
 
 
 def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dict:
@@ -103,11 +111,11 @@ def consume_worker(sync: procs.Sync, addr: tuple, queue: str, count: int) -> dic
     cpu = time.process_time()
     start = time.monotonic()
     wire.send(frames.consume(queue))
-    got = wire.count_messages(count)
+    wire.count_messages(count)
     end = time.monotonic()
     cpu = time.process_time() - cpu
     wire.close()
-    return {"start": start, "end": end, "cpu": cpu, "got": got}
+    return {"start": start, "end": end, "cpu": cpu}
 
 
 def _meter(bench: Bench, relays: Relays, daemon: Daemon | None) -> CpuMeter:
@@ -142,12 +150,10 @@ def publish(
     try:
         args = [(addr, queue, size.size, count) for queue in queues]
         meter = _meter(bench, relays, daemon)
-        _, results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
+        results = procs.run(label, publish_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: count for queue in queues})
-        if short := [r["declared"] for r in results if r["declared"] != count]:
-            # The final round trip should see every message: if not, the
-            # window closed early and the rate is overstated.
-            bench.note(f"{label}: the closing declare saw {short}, not {count}")
+        if late := [r["polls"] for r in results if r["polls"] > 1]:
+            bench.note(f"{label}: the queues filled after {late} passive declares")
     except BaseException:
         keep = False
         raise
@@ -167,7 +173,7 @@ def consume(bench: Bench, label: str, addr: tuple, size: Size, relays: Relays = 
     try:
         args = [(addr, queue, count) for queue in queues]
         meter = _meter(bench, relays, None)
-        _, results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
+        results = procs.run(label, consume_worker, args, bench.profile.timeout, meter)
         bench.admin.verify({queue: 0 for queue in queues})
     finally:
         for queue in queues:

@@ -84,7 +84,7 @@ class Wire:
                 raise ProtocolError(f"expected {wanted.hex()}, got {frames.describe(payload)}")
             return payload
 
-    def count_messages(self, count: int) -> int:
+    def count_messages(self, count: int) -> None:
         """Read a no-ack consumer's ConsumeOk and then `count` whole messages
         (a message counts once its last body byte is in). The kernel writes
         straight into one buffer (recv_into) and frames are walked by their
@@ -129,7 +129,6 @@ class Wire:
                 pos = filled = 0
         view.release()
         self.buf = bytearray(buf[pos:filled])
-        return done
 
     # -- conversations ------------------------------------------------------------
 

@@ -13,37 +13,11 @@ from bench import splice_relay
 from bench.broker import BROKER, Admin
 from bench.splice_relay import SpliceRelay
 from bench.throughput import publish_worker
+from tests.support.echo import Echo
 
 TIMEOUT = 10.0
 MESSAGES = 50
 STREAM = 3 << 20  # several pipefuls
-
-
-class _Echo:
-    """A loopback peer that sends back everything it reads as it reads it,
-    keeps a copy, and notes when its client has gone."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = self.listener.getsockname()
-        self.got = bytearray()
-        self.ended = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        conn.settimeout(TIMEOUT)
-        try:
-            while data := conn.recv(1 << 16):
-                self.got += data
-                conn.sendall(data)
-        except OSError:
-            pass  # the relay shut the connection while an echo was going out
-        self.ended.set()
-        conn.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def _read_exactly(sock: socket.socket, count: int, into: bytearray) -> None:
@@ -54,7 +28,7 @@ def _read_exactly(sock: socket.socket, count: int, into: bytearray) -> None:
 def test_every_byte_arrives_in_order_both_ways_and_a_close_ends_the_far_side():
     sent = os.urandom(STREAM)
     echoed = bytearray()
-    peer = _Echo()
+    peer = Echo()
     try:
         with SpliceRelay(peer.addr) as relay:
             client = socket.create_connection(relay.addr, timeout=TIMEOUT)
