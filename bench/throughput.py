@@ -238,11 +238,15 @@ def _in_turns(
     speed moves over seconds (direct 64 KB publish runs at 12,300 to
     24,700 msg/s minutes apart, one day): in turns, every place meets
     the slow spells about alike, and one slow run cannot become a
-    place's figure. The order within a turn stays the same (direct
-    first). Each turn's proxy/direct ratio is noted."""
+    place's figure. Each turn starts one place later than the one before
+    (direct, proxy, relay; then proxy, relay, direct; ...), so that no place
+    always follows the same one (a run leaves the broker freeing the
+    memory of its deleted queues). Each turn's proxy/direct ratio is
+    noted."""
     turns: dict[str, list[Rate]] = {label: [] for label, _ in places}
-    for _ in range(bench.profile.turns):
-        for label, addr in places:
+    for turn in range(bench.profile.turns):
+        first = turn % len(places)
+        for label, addr in places[first:] + places[:first]:
             turns[label].append(run(label, addr))
             if label == "proxy" and size.size > 4096:
                 bench.record_worker_rss()
