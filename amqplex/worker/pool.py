@@ -221,6 +221,10 @@ class Pool:
     def _forget(self, upstream: Upstream) -> None:
         if upstream in self.upstreams:
             self.upstreams.remove(upstream)
+            if upstream.blocked:
+                # Its own clients still see it blocked until their 320; the
+                # ones with no channel yet may not be blocked any more.
+                self.upstream_blocked_changed()
         upstream.idle.clear()
         for name, owner_upstream in list(self._owned_on.items()):
             if owner_upstream is upstream:
@@ -425,7 +429,7 @@ class Pool:
     def session_joined(self, session: ClientSession) -> None:
         self.sessions.add(session)
         if any(upstream.blocked for upstream in self.upstreams):
-            session.notify_blocked("")
+            session.retell_blocked("")
 
     def session_left(self, session: ClientSession) -> None:
         self.sessions.discard(session)
@@ -455,15 +459,11 @@ class Pool:
                 if not names:
                     del self._owned_by[session]
 
-    def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
+    def upstream_blocked_changed(self, reason: str = "") -> None:
+        """An upstream was blocked or unblocked, or a blocked one went: each
+        client whose own connection that changes is told (rule 7)."""
         for session in self.sessions:
-            session.notify_blocked(reason)
-
-    def upstream_unblocked(self, upstream: Upstream) -> None:
-        if any(u.blocked for u in self.upstreams):
-            return
-        for session in self.sessions:
-            session.notify_unblocked()
+            session.retell_blocked(reason)
 
 
 class Pools:

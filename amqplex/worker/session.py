@@ -591,22 +591,36 @@ class ClientSession(asyncio.Protocol):
     def channel_bound(self, upstream: Upstream) -> None:
         if self.home is None or self.home.closed:
             self.home = upstream
-        if upstream.blocked and self.blocked_notify:
-            self.notify_blocked("")
+        if self.blocked_notify and (upstream.blocked or self.told_blocked):
+            self.retell_blocked("")
 
     def channel_finished(self, channel: ClientChannel) -> None:
         if self.channels.get(channel.cid) is channel:
             del self.channels[channel.cid]
+            if self.told_blocked:
+                self.retell_blocked("")
 
-    def notify_blocked(self, reason: str) -> None:
-        # The pool, each channel bound while blocked and the session's own
-        # arrival may all ask: the client is told once.
-        if self.blocked_notify and not self.told_blocked and self.state is State.RUNNING:
+    def is_blocked(self) -> bool:
+        """Whether the broker blocks this client's connection, as far as it
+        can tell (DESIGN rule 7): one of the upstreams its channels are on
+        is blocked; with no channel on one yet, any of the pool's, since
+        that is where its first channel may go."""
+        bound = [ch.slot.upstream for ch in self.channels.values() if ch.slot is not None]
+        if bound:
+            return any(upstream.blocked for upstream in bound)
+        return self.pool is not None and any(u.blocked for u in self.pool.upstreams)
+
+    def retell_blocked(self, reason: str) -> None:
+        """Send Connection.Blocked or Unblocked if is_blocked() changed since
+        the client was last told: once per change, as the broker says it,
+        however many upstreams or channels it came from."""
+        if not self.blocked_notify or self.state is not State.RUNNING:
+            return
+        blocked = self.is_blocked()
+        if blocked and not self.told_blocked:
             self.told_blocked = True
             self.write(methods.encode(0, commands.Connection.Blocked(reason=reason)))
-
-    def notify_unblocked(self) -> None:
-        if self.told_blocked and self.state is State.RUNNING:
+        elif self.told_blocked and not blocked:
             self.told_blocked = False
             self.write(methods.encode(0, commands.Connection.Unblocked()))
 

@@ -422,10 +422,10 @@ class Upstream(asyncio.BufferedProtocol):
             self.lose(f"upstream closed by the broker: {method.reply_text}")
         elif isinstance(method, commands.Connection.Blocked):
             self.blocked = True
-            self.pool.upstream_blocked(self, method.reason)
+            self.pool.upstream_blocked_changed(method.reason)
         elif isinstance(method, commands.Connection.Unblocked):
             self.blocked = False
-            self.pool.upstream_unblocked(self)
+            self.pool.upstream_blocked_changed()
         elif isinstance(method, commands.Connection.CloseOk):
             self.transport.close()
 

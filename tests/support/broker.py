@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -108,3 +109,15 @@ def delete_users() -> None:
 def _eval(expressions) -> None:  # noqa: ANN001 - an iterable of Erlang expressions
     # Names and passwords are hex and a prefix: nothing to quote.
     rabbitmqctl("eval", ", ".join(expressions) + ", ok.")
+
+
+def consumers_by_upstream(user: str) -> list[int]:
+    """Consumers the broker counts on each connection of `user`, fewest first."""
+    out = rabbitmqctl(
+        "list_channels", "--formatter", "json", "connection", "user", "consumer_count"
+    )
+    counts: collections.Counter[str] = collections.Counter()
+    for row in json.loads(out or "[]"):
+        if row["user"] == user and row["consumer_count"]:
+            counts[str(row["connection"])] += row["consumer_count"]
+    return sorted(counts.values())

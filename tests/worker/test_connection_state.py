@@ -15,6 +15,7 @@ from pamqp import commands
 
 from amqplex.protocol.constants import FRAME_HEARTBEAT
 from tests.conftest import proxy_params
+from tests.support import broker
 from tests.support.broker import queue_names, rabbitmqctl
 from tests.support.rawclient import RawClient, message, send_until_refused
 from tests.support.waiting import wait_until
@@ -328,3 +329,44 @@ def test_blocked_and_unblocked_reach_clients_that_advertised_it(
         plain.method(1, commands.Basic.Qos(prefetch_count=1))
         _, method = plain.read_method()
         assert isinstance(method, commands.Basic.QosOk)
+
+
+def test_blocked_reaches_the_clients_of_the_blocked_upstream_only(
+    fresh_amqplexd, user, queue_name, memory_alarm
+):
+    """RabbitMQ blocks the connection that publishes under the alarm. With
+    two upstreams, the client on the other one is not blocked, and is not
+    told so; the one on the blocked upstream is told, and told Unblocked."""
+    raise_alarm, clear_alarm = memory_alarm
+    daemon = fresh_amqplexd(env={"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": "2"})
+    caps = {"connection.blocked": True}
+    with RawClient(daemon.port) as first, RawClient(daemon.port) as other:
+        first.handshake(user.name, user.password, capabilities=caps)
+        _consume_own_queue(first)  # its channel makes the pool dial the second upstream
+        wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+        other.handshake(user.name, user.password, capabilities=caps)
+        _consume_own_queue(other)  # on the upstream carrying fewest: the second
+        assert broker.consumers_by_upstream(user.name) == [1, 1], "not one client per upstream"
+        raise_alarm()
+        first.publish(1, b"under the alarm", routing_key=queue_name)
+        assert commands.Connection.Blocked in _connection_methods(
+            first, lambda seen: commands.Connection.Blocked in seen
+        )
+        # The pool told every client it was going to in that same turn:
+        # `other`'s next method is the answer to its own request.
+        other.method(1, commands.Basic.Qos(prefetch_count=1))
+        assert isinstance(other.read_method()[1], commands.Basic.QosOk)
+        clear_alarm()
+        assert commands.Connection.Unblocked in _connection_methods(
+            first, lambda seen: commands.Connection.Unblocked in seen
+        )
+        other.method(1, commands.Basic.Qos(prefetch_count=2))
+        assert isinstance(other.read_method()[1], commands.Basic.QosOk)
+
+
+def _consume_own_queue(client: RawClient) -> None:
+    client.open_channel(1)
+    client.method(1, commands.Queue.Declare(queue="", exclusive=True))
+    _, ok = client.expect(commands.Queue.DeclareOk)
+    client.method(1, commands.Basic.Consume(queue=ok.queue, no_ack=True))
+    client.expect(commands.Basic.ConsumeOk)

@@ -285,18 +285,6 @@ def test_with_two_min_upstreams_sequential_clients_dial_two_and_no_more(
     assert upstreams_opened(daemon, user.name) == 2, "extra upstreams came and went"
 
 
-def consumers_by_upstream(user: str) -> list[int]:
-    """Consumers the broker counts on each connection of `user`, fewest first."""
-    out = rabbitmqctl(
-        "list_channels", "--formatter", "json", "connection", "user", "consumer_count"
-    )
-    counts: collections.Counter[str] = collections.Counter()
-    for row in json_rows(out):
-        if row["user"] == user and row["consumer_count"]:
-            counts[str(row["connection"])] += row["consumer_count"]
-    return sorted(counts.values())
-
-
 def test_with_two_min_upstreams_new_clients_go_to_the_one_carrying_fewest(fresh_amqplexd, user):
     """RabbitMQ reads each connection with one process, so heavy clients on
     one upstream would share what it reads. Asked to, the pool keeps two
@@ -306,7 +294,7 @@ def test_with_two_min_upstreams_new_clients_go_to_the_one_carrying_fewest(fresh_
     try:
         wait_until(lambda: upstreams_opened(daemon, user.name) == 2, what="two upstreams")
         clients += [consumer(daemon.port, user) for _ in range(3)]
-        assert consumers_by_upstream(user.name) == [2, 2]
+        assert broker.consumers_by_upstream(user.name) == [2, 2]
         assert upstreams_opened(daemon, user.name) == 2
     finally:
         for connection in clients:
@@ -339,7 +327,7 @@ def test_with_two_min_upstreams_clients_spread_when_the_idle_channels_are_on_one
     clients = []
     try:
         clients = [consumer(daemon.port, user) for _ in range(4)]
-        assert consumers_by_upstream(user.name) == [2, 2]
+        assert broker.consumers_by_upstream(user.name) == [2, 2]
     finally:
         for connection in clients:
             connection.close()
