@@ -403,8 +403,8 @@ fail:
     return finish_walk(&buffer, &walk, NULL);
 }
 
-/* -- whole_publish: worker/whole_publish.py's reference_renumber, for the
- * publishes it can vouch for. */
+/* -- whole_publishes: worker/whole_publish.py's reference_renumber over a
+ * run of messages, for the publishes it can vouch for. */
 
 #define BASIC_PUBLISH 0x003C0028u /* class 60, method 40 */
 #define BASIC_CLASS 60
@@ -528,30 +528,6 @@ renumbered(PyObject *method_frame, PyObject *header_frame, const unsigned char *
     return piece;
 }
 
-PyDoc_STRVAR(whole_publish_doc,
-             "whole_publish(frame, header, body, uid) -> bytes | None: whole_publish.py's\n"
-             "reference_renumber where it takes the message; None for the reference.");
-
-static PyObject *
-whole_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "whole_publish takes 4 arguments");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < 4; i++) {
-        if (!PyBytes_Check(args[i])) {
-            PyErr_SetString(PyExc_TypeError, "whole_publish takes bytes");
-            return NULL;
-        }
-    }
-    if (PyBytes_GET_SIZE(args[3]) != 2)
-        Py_RETURN_NONE;
-    Py_ssize_t body_len = PyBytes_GET_SIZE(args[2]);
-    return renumbered(args[0], args[1], (const unsigned char *)PyBytes_AS_STRING(args[2]),
-                      body_len, body_len, (const unsigned char *)PyBytes_AS_STRING(args[3]));
-}
-
 /* Whether `value` is the exact int `wanted`: converting nothing else runs no
  * Python code while the caller holds borrowed items of the frame list. */
 static int
@@ -653,13 +629,14 @@ quiet(const unsigned char *method, const unsigned char *header)
 PyDoc_STRVAR(whole_publishes_doc,
              "whole_publishes(frames, start, channel, uid)\n"
              "-> (pieces, end, mandatory, unsettled, largest):\n"
-             "whole_publish over the run of publishes on `channel` that starts at\n"
-             "frames[start] (cut()'s tuples), each with its header and one body: their\n"
+             "whole_publish.py's reference_renumber over the run of publishes on\n"
+             "`channel` that starts at frames[start] (cut()'s tuples), each with its\n"
+             "header and one body, for those it can vouch for: their\n"
              "pieces (one a message, and a body cut() left a memoryview goes on as a\n"
              "view of its payload after it), the index after the last one taken,\n"
              "whether any was mandatory, whether any was not quiet (quiet.py), and the\n"
              "largest body (-1 for none).\n"
-             "It stops at the first message whole_publish would not take.");
+             "It stops at the first message it cannot vouch for: the reference's.");
 
 static PyObject *
 whole_publishes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -931,8 +908,6 @@ fail:
 static PyMethodDef methods[] = {
     {"cut", (PyCFunction)(void (*)(void))cut, METH_FASTCALL, cut_doc},
     {"cut_routed", (PyCFunction)(void (*)(void))cut_routed, METH_FASTCALL, cut_routed_doc},
-    {"whole_publish", (PyCFunction)(void (*)(void))whole_publish, METH_FASTCALL,
-     whole_publish_doc},
     {"whole_publishes", (PyCFunction)(void (*)(void))whole_publishes, METH_FASTCALL,
      whole_publishes_doc},
     {"interleaved", (PyCFunction)(void (*)(void))interleaved, METH_FASTCALL, interleaved_doc},

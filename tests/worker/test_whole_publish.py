@@ -1,5 +1,6 @@
 """A whole publish checked and renumbered (amqplex/worker/whole_publish.py):
-the compiled check (_walk.whole_publish) against the Python reference, on
+the compiled check (_walk.whole_publishes on one message) against the
+Python reference, on
 publishes as pamqp encodes them, bent and cut, and on frames of nearly the
 right shape: the same bytes wherever the compiled one takes a message, and
 every message the reference takes but a headers table taken; and the
@@ -30,6 +31,14 @@ _WIDTH_OF_KIND = {"shortstr": 0, "table": -1, "octet": 1, "timestamp": 8}
 def test_the_compiled_publish_check_walks_contents_property_layout():
     expected = tuple((mask, _WIDTH_OF_KIND[kind]) for mask, kind in content._LAYOUT)
     assert expected == framing._walk.PROPERTY_LAYOUT
+
+
+def compiled_one(method: bytes, header: bytes, body: bytes, uid: bytes) -> bytes | None:
+    """The compiled check on one message: whole_publishes over it alone."""
+    frames = [(constants.FRAME_METHOD, 1, method), (constants.FRAME_HEADER, 1, header)]
+    frames.append((constants.FRAME_BODY, 1, body))
+    pieces, end, *_ = framing._walk.whole_publishes(frames, 0, 1, uid)
+    return pieces[0] if end == len(frames) else None
 
 
 def publish_outcome(frame: bytes, header: bytes, body: bytes, uid: bytes) -> tuple:
@@ -102,7 +111,7 @@ def test_whole_publish_gives_what_the_reference_gives_and_takes_all_it_can(frame
     it to the reference, only for what the reference refuses or leaves to
     the frame-by-frame path, or for a headers table."""
     method, content_header, content_body = frames
-    compiled = framing._walk.whole_publish(method, content_header, content_body, uid)
+    compiled = compiled_one(method, content_header, content_body, uid)
     expected = publish_outcome(method, content_header, content_body, uid)
     if compiled is not None:
         assert expected == ("ok", compiled)
@@ -160,7 +169,7 @@ def near_publishes(draw) -> tuple[bytes, bytes, bytes]:
 def test_whole_publish_of_nearly_right_frames_gives_what_the_reference_gives(frames):
     method, content_header, content_body = frames
     uid = b"\x00\x07"
-    compiled = framing._walk.whole_publish(method, content_header, content_body, uid)
+    compiled = compiled_one(method, content_header, content_body, uid)
     if compiled is not None:
         assert publish_outcome(method, content_header, content_body, uid) == ("ok", compiled)
 
@@ -175,7 +184,7 @@ def test_whole_publish_takes_the_publishes_clients_send():
         method = frame.marshal(commands.Basic.Publish(routing_key="q", mandatory=mandatory), 1)
         content_header = frame.marshal(header.ContentHeader(0, 5, properties), 1)
         content_body = frame.marshal(body.ContentBody(b"hello"), 1)
-        piece = framing._walk.whole_publish(method, content_header, content_body, b"\x01\x02")
+        piece = compiled_one(method, content_header, content_body, b"\x01\x02")
         assert piece is not None
         assert piece == whole_publish.reference_renumber(
             method, content_header, content_body, b"\x01\x02"
@@ -188,7 +197,7 @@ def test_whole_publish_leaves_a_headers_table_to_the_reference():
     method = frame.marshal(commands.Basic.Publish(routing_key="q"), 1)
     content_header = frame.marshal(header.ContentHeader(0, 1, properties), 1)
     content_body = frame.marshal(body.ContentBody(b"x"), 1)
-    assert framing._walk.whole_publish(method, content_header, content_body, b"\x00\x01") is None
+    assert compiled_one(method, content_header, content_body, b"\x00\x01") is None
     assert (
         whole_publish.reference_renumber(method, content_header, content_body, b"\x00\x01")
         is not None
@@ -200,7 +209,7 @@ def runs_reference(
 ) -> tuple[list[bytes | memoryview], int, bool, bool, int]:
     """_walk.whole_publishes in Python: the run of publishes on `channel`
     from frames[start], each with its header and one body frame, as far as
-    the compiled check takes them one by one; whether any was mandatory or
+    the compiled check takes them one at a time; whether any was mandatory or
     not quiet (quiet.py), and the largest body. A body left a memoryview
     (cut() leaves large ones so) goes on as a view of its payload after its
     message's piece, which ends with the body's 7-byte header."""
@@ -213,7 +222,7 @@ def runs_reference(
         method, header, body = (frame for _, _, frame in parts)
         if not (type(method) is type(header) is bytes and type(body) in (bytes, memoryview)):
             break
-        piece = framing._walk.whole_publish(method, header, bytes(body), uid)
+        piece = compiled_one(method, header, bytes(body), uid)
         if piece is None:
             break
         if type(body) is memoryview:
