@@ -163,8 +163,7 @@ class ClientChannel:
         if not answer_open:
             self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
         if self.pending:
-            uid = slot.uid_bytes
-            frames = retarget(self.pending, uid)
+            frames = self._on_upstream(self.pending, slot)
             self.pending = []
             slot.upstream.writer.write_many(frames)
             if self.pending_size > PENDING_LIMIT:
@@ -394,21 +393,26 @@ class ClientChannel:
             self._hold(content)
             return
         upstream = slot.upstream
-        uid = slot.uid_bytes
-        frame_max = upstream.frame_max
-        if self.session.frame_max > frame_max and any(len(f) > frame_max for f in content):
-            # A client with a bigger frame_max than the broker's: re-cut.
-            frames = []
-            for frame in content:
-                if len(frame) > frame_max:
-                    frames.extend(split_body(frame, uid, frame_max))
-                else:
-                    frames.extend(retarget((frame,), uid))
-        else:
-            frames = retarget(content, uid)
-        upstream.writer.write_many(frames)
+        upstream.writer.write_many(self._on_upstream(content, slot))
         if upstream.paused:
             upstream.stall(self.session)
+
+    def _on_upstream(self, frames: list, slot: UpstreamChannel) -> list:
+        """`frames` moved onto `slot`'s channel, their bodies re-cut if the
+        client was offered a bigger frame_max than this upstream's broker
+        takes (one with a smaller one than the broker that answered the
+        client's handshake)."""
+        frame_max = slot.upstream.frame_max
+        uid = slot.uid_bytes
+        if self.session.frame_max <= frame_max or all(len(f) <= frame_max for f in frames):
+            return retarget(frames, uid)
+        pieces = []
+        for frame in frames:
+            if len(frame) > frame_max and frame[0] == FRAME_BODY:
+                pieces.extend(split_body(frame, uid, frame_max))
+            else:
+                pieces.extend(retarget((frame,), uid))
+        return pieces
 
     def _close_from_client(self, frame: bytes) -> None:
         self.closing = True

@@ -3,8 +3,9 @@
 It forwards bytes both ways, records them per connection (so a test can read
 the proxy's upstream AMQP stream frame by frame) and injects faults: sever
 every connection, stall a direction, add latency per chunk, refuse new
-connections. It runs its own asyncio loop in a background thread, so
-synchronous pytest tests drive it with plain method calls.
+connections, tell the proxy a smaller frame_max than the broker's. It runs
+its own asyncio loop in a background thread, so synchronous pytest tests
+drive it with plain method calls.
 
 Directions are named from the proxy's side: UP is proxy -> broker, DOWN is
 broker -> proxy. Every chunk read is stamped with a relay-wide sequence
@@ -114,6 +115,9 @@ class Relay:
         self._delay = {UP: 0.0, DOWN: 0.0}
         # While set, new connections are reset at once: "the broker is away".
         self.refusing = False
+        # While set, the broker's Connection.Tune reaches new connections
+        # with this frame_max instead of its own.
+        self.tune_frame_max: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -225,6 +229,13 @@ class Relay:
         """Reset new connections at once (the broker is away) until refuse(False)."""
         self.refusing = refusing
 
+    def offer_frame_max(self, frame_max: int | None) -> None:
+        """Connections from now on are offered `frame_max` in the broker's
+        Connection.Tune (None: the broker's own). The broker still takes its
+        own: a frame larger than the one offered passes, and a test reads
+        the recorded frames to see whether the proxy kept to the offer."""
+        self.tune_frame_max = frame_max
+
     def delay(self, seconds: float, direction: str | tuple[str, ...] = BOTH) -> None:
         """Hold every chunk read from now on `seconds` before forwarding it."""
         for name in _directions(direction):
@@ -285,6 +296,7 @@ class Relay:
     async def _pipe(self, conn: RelayConnection, direction: str, reader, writer) -> None:
         """Read, record and queue chunks; a second task writes them out after
         their delay and while the direction flows, keeping their order."""
+        retune = self.tune_frame_max if direction == DOWN else None
         queue: asyncio.Queue = asyncio.Queue()
         sender = asyncio.create_task(self._send(direction, queue, writer))
         self._senders.add(sender)
@@ -297,6 +309,8 @@ class Relay:
                     data = b""
                 if not data:
                     break
+                if retune is not None and (tuned := _retuned(data, retune)) is not None:
+                    data, retune = tuned, None
                 self.seq += 1
                 conn.chunks[direction].append(Chunk(self.seq, time.monotonic(), data))
                 queue.put_nowait((time.monotonic() + self._delay[direction], data))
@@ -328,3 +342,19 @@ def _directions(direction: str | tuple[str, ...]) -> tuple[str, ...]:
         if name not in BOTH:
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {name!r}")
     return names
+
+
+# A Connection.Tune frame: type 1 on channel 0, then (after the payload
+# size) class 10 method 30, channel_max and frame_max.
+_TUNE_FRAME = bytes.fromhex("010000")
+_TUNE_METHOD = bytes.fromhex("000a001e")
+
+
+def _retuned(data: bytes, frame_max: int) -> bytes | None:
+    """`data` with the Connection.Tune in it offering `frame_max`; None if
+    it holds no Tune (it comes in a chunk of its own, after Start)."""
+    at = data.find(_TUNE_METHOD)
+    if at < 7 or data[at - 7 : at - 4] != _TUNE_FRAME:
+        return None
+    offset = at + 6  # past the method id and channel_max
+    return data[:offset] + frame_max.to_bytes(4, "big") + data[offset + 4 :]

@@ -17,7 +17,8 @@ from pamqp import commands, frame
 from amqplex.protocol.constants import FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, PROTOCOL_HEADER
 from tests.conftest import broker_params, proxy_params
 from tests.support import broker
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, message
+from tests.support.relay import UP
 
 BROKER = broker.BROKER_PORT
 HUNDRED_KB = bytes(range(256)) * 400  # 102400 bytes: ~25 frames of 4096
@@ -305,6 +306,42 @@ def test_bodies_are_resplit_to_the_clients_frame_max(amqplexd, queue_name):
             assert len(raw) <= 4096, f"body frame of {len(raw)} bytes"
             body += raw[7:-1]
         assert body == HUNDRED_KB
+
+
+def test_bodies_are_recut_for_an_upstream_offering_less_than_the_client_was(
+    fresh_amqplexd, relay, queue_name
+):
+    """A client told the first broker's frame_max, whose channel lands on an
+    upstream offered less (another node of a cluster, say): its bodies are
+    re-cut to that upstream's size, both those sent while the channel waited
+    for the upstream and those sent after."""
+    daemon = fresh_amqplexd(
+        upstream=relay.url, env={"AMQP_POOL_MAX_CHANNELS": "1", "AMQP_POOL_IDLE_CHANNELS": "0"}
+    )
+    bodies = [HUNDRED_KB, HUNDRED_KB[::-1]]
+    with RawClient(daemon.port) as first, RawClient(daemon.port) as client:
+        first.handshake()
+        client.handshake()
+        assert client.tune.frame_max > len(HUNDRED_KB) + 8, "the body must fit one frame"
+        first.open_channel(1)  # fills the first upstream
+        first.method(1, commands.Queue.Declare(queue=queue_name))
+        first.expect(commands.Queue.DeclareOk)
+        relay.offer_frame_max(4096)
+        # The channel waits for a second upstream; the first message with it.
+        client.send(frame.marshal(commands.Channel.Open(), 1) + message(1, queue_name, bodies[0]))
+        client.expect(commands.Channel.OpenOk)
+        client.send(message(1, queue_name, bodies[1]))
+        client.method(1, commands.Queue.Declare(queue=queue_name, passive=True))
+        client.expect(commands.Queue.DeclareOk)
+    second = relay.connections[-1]
+    sizes = [len(f.raw) for f in second.frames(UP) if f.frame_type == FRAME_BODY]
+    assert sizes and max(sizes) <= 4096, f"body frames of {max(sizes)} bytes upstream"
+    direct = pika.BlockingConnection(broker_params())
+    try:
+        channel = direct.channel()
+        assert [channel.basic_get(queue_name, auto_ack=True)[2] for _ in bodies] == bodies
+    finally:
+        direct.close()
 
 
 # -- frame_max below the minimum ---------------------------------------------------
