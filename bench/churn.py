@@ -212,6 +212,7 @@ def run_rtt(bench: Bench) -> None:
     the stub shows what local answers cost on this machine."""
     profile = bench.profile
     runs: dict[str, Churn] = {}
+    alone: dict[str, Churn] = {}
     with Relay(BROKER, RTT_DELAY) as relay, Daemon(relay.url, bench.workers) as proxy:
         round_trip = relay_round_trip(relay.addr)
         bench.details["relay_round_trip_ms"] = round_trip
@@ -222,10 +223,19 @@ def run_rtt(bench: Bench) -> None:
                 runs[label] = measure(
                     bench, f"rtt.{label}", addr, profile.rtt_procs, profile.rtt_seconds, meter
                 )
+                # One client at a time: the cycle without waiting for a core.
+                alone[label] = measure(
+                    bench, f"rtt1.{label}", addr, 1, profile.rtt_seconds / 2, meter
+                )
             except procs.BenchError as error:
                 raise procs.BenchError(f"{error}\namqplexd log:\n{proxy.log_tail()}") from None
     runs["stub"] = _stub_run(bench, "rtt.stub", profile.rtt_procs, profile.rtt_seconds)
     _report(bench, "churn-10ms-rtt", runs, Target(), Target(at_most=1.5))
+    bench.details["churn-10ms-rtt, one client"] = {k: v.as_dict() for k, v in alone.items()}
+    metric = "median cycle, one client at a time (reference)"
+    bench.add(
+        Row("churn-10ms-rtt", metric, "ms", alone["direct"].median_ms, alone["proxy"].median_ms)
+    )
 
 
 def _stub_run(bench: Bench, label: str, concurrency: int, seconds: float) -> Churn:
