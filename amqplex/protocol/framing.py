@@ -213,6 +213,12 @@ def _refusal(
 def _bad_header(frame_type: int, size: int, frame_max: int) -> ConnectionException:
     if frame_type not in _FRAME_TYPES:
         return ConnectionException(ReplyCode.FRAME_ERROR, f"type {frame_type}, all octets = <<>>")
+    return too_large(frame_type, size, frame_max)
+
+
+def too_large(frame_type: int, size: int, frame_max: int) -> ConnectionException:
+    """RabbitMQ's 501 for a frame whose payload is `size` octets, more than a
+    connection with `frame_max` takes."""
     return ConnectionException(
         ReplyCode.FRAME_ERROR,
         f"type {frame_type}, all octets = <<>>: "

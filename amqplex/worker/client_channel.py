@@ -35,6 +35,7 @@ from amqplex.protocol.framing import (
     retarget,
     rewrite_channel,
     split_body,
+    too_large,
 )
 from amqplex.worker import quiet, whole_publish
 from amqplex.worker.rules import (
@@ -46,6 +47,7 @@ from amqplex.worker.rules import (
 
 if typing.TYPE_CHECKING:
     from amqplex.worker.session import ClientSession
+    from amqplex.worker.upstream import Upstream
     from amqplex.worker.upstream_channel import UpstreamChannel
 
 _PUBLISH = commands.Basic.Publish.index
@@ -163,7 +165,13 @@ class ClientChannel:
         if not answer_open:
             self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
         if self.pending:
-            frames = self._on_upstream(self.pending, slot)
+            try:
+                frames = self._on_upstream(self.pending, slot)
+            except ConnectionException as error:
+                # Bound from the pool as often as from the client's own read.
+                self.pending = []
+                self.session.fail(error)
+                return
             self.pending = []
             slot.upstream.writer.write_many(frames)
             if self.pending_size > PENDING_LIMIT:
@@ -371,6 +379,8 @@ class ClientChannel:
             self._hold((frame,))
             return
         upstream = slot.upstream
+        if len(frame) > upstream.frame_max + FRAME_OVERHEAD:
+            raise _too_large_for(upstream, frame)
         upstream.writer.write(rewrite_channel(frame, slot.uid_bytes))
         if upstream.paused:
             upstream.stall(self.session)
@@ -401,8 +411,11 @@ class ClientChannel:
         """`frames` moved onto `slot`'s channel, their bodies re-cut if the
         client was offered a bigger frame_max than this upstream's broker
         takes (one with a smaller one than the broker that answered the
-        client's handshake)."""
-        frame_max = slot.upstream.frame_max
+        client's handshake). A method or content header too large for it
+        cannot be cut: the client is refused as that broker would refuse it,
+        rather than the frame costing the shared upstream its connection."""
+        upstream = slot.upstream
+        frame_max = upstream.frame_max
         uid = slot.uid_bytes
         if self.session.frame_max <= frame_max or all(len(f) <= frame_max for f in frames):
             return retarget(frames, uid)
@@ -410,6 +423,8 @@ class ClientChannel:
         for frame in frames:
             if len(frame) > frame_max and frame[0] == FRAME_BODY:
                 pieces.extend(split_body(frame, uid, frame_max))
+            elif len(frame) > frame_max + FRAME_OVERHEAD:
+                raise _too_large_for(upstream, frame)
             else:
                 pieces.extend(retarget((frame,), uid))
         return pieces
@@ -538,3 +553,9 @@ def _unexpected_frame(expect: int) -> ConnectionException:
     else:
         detail = "expected content body, got non content body"
     return ConnectionException(ReplyCode.UNEXPECTED_FRAME, f"{detail} frame instead", *_PUBLISH_IDS)
+
+
+def _too_large_for(upstream: Upstream, frame: bytes | memoryview) -> ConnectionException:
+    """What the broker behind `upstream` would say to a client sending it
+    `frame` (its frame_max is smaller than the one the client was offered)."""
+    return too_large(frame[0], len(frame) - FRAME_OVERHEAD, upstream.frame_max)

@@ -49,6 +49,8 @@ class Pool:
         self.credentials = credentials
         self.vhost = vhost
         self.upstreams: list[Upstream] = []
+        # One of them is blocked by the broker (Connection.Blocked).
+        self.blocked = False
         # Client channels waiting for an upstream with room, each with the
         # timer that refuses it if none comes in time.
         self.waiting: dict[ClientChannel, asyncio.TimerHandle] = {}
@@ -428,8 +430,8 @@ class Pool:
 
     def session_joined(self, session: ClientSession) -> None:
         self.sessions.add(session)
-        if any(upstream.blocked for upstream in self.upstreams):
-            session.retell_blocked("")
+        if self.blocked:
+            session.retell_blocked()
 
     def session_left(self, session: ClientSession) -> None:
         self.sessions.discard(session)
@@ -459,11 +461,12 @@ class Pool:
                 if not names:
                     del self._owned_by[session]
 
-    def upstream_blocked_changed(self, reason: str = "") -> None:
+    def upstream_blocked_changed(self) -> None:
         """An upstream was blocked or unblocked, or a blocked one went: each
         client whose own connection that changes is told (rule 7)."""
+        self.blocked = any(upstream.blocked for upstream in self.upstreams)
         for session in self.sessions:
-            session.retell_blocked(reason)
+            session.retell_blocked()
 
 
 class Pools:

@@ -592,35 +592,38 @@ class ClientSession(asyncio.Protocol):
         if self.home is None or self.home.closed:
             self.home = upstream
         if self.blocked_notify and (upstream.blocked or self.told_blocked):
-            self.retell_blocked("")
+            self.retell_blocked()
 
     def channel_finished(self, channel: ClientChannel) -> None:
         if self.channels.get(channel.cid) is channel:
             del self.channels[channel.cid]
-            if self.told_blocked:
-                self.retell_blocked("")
+            # Which upstreams it is on changed, and may be blocked or not.
+            if self.told_blocked or (self.blocked_notify and self.pool.blocked):
+                self.retell_blocked()
 
-    def is_blocked(self) -> bool:
-        """Whether the broker blocks this client's connection, as far as it
-        can tell (DESIGN rule 7): one of the upstreams its channels are on
-        is blocked; with no channel on one yet, any of the pool's, since
-        that is where its first channel may go."""
+    def blocking_upstream(self) -> Upstream | None:
+        """The upstream by which the broker blocks this client's connection,
+        as far as it can tell (DESIGN rule 7): one its channels are on; with
+        no channel on one yet, any of the pool's, since that is where its
+        first channel may go. None if it is not blocked."""
         bound = [ch.slot.upstream for ch in self.channels.values() if ch.slot is not None]
-        if bound:
-            return any(upstream.blocked for upstream in bound)
-        return self.pool is not None and any(u.blocked for u in self.pool.upstreams)
+        if not bound and self.pool is not None:
+            bound = self.pool.upstreams
+        return next((upstream for upstream in bound if upstream.blocked), None)
 
-    def retell_blocked(self, reason: str) -> None:
-        """Send Connection.Blocked or Unblocked if is_blocked() changed since
-        the client was last told: once per change, as the broker says it,
-        however many upstreams or channels it came from."""
+    def retell_blocked(self) -> None:
+        """Send Connection.Blocked (with the broker's reason) or Unblocked if
+        blocking_upstream() changed from None or to it since the client was
+        last told: once per change, as the broker says it, however many
+        upstreams or channels it came from."""
         if not self.blocked_notify or self.state is not State.RUNNING:
             return
-        blocked = self.is_blocked()
-        if blocked and not self.told_blocked:
+        blocking = self.blocking_upstream()
+        if blocking is not None and not self.told_blocked:
             self.told_blocked = True
+            reason = blocking.blocked_reason
             self.write(methods.encode(0, commands.Connection.Blocked(reason=reason)))
-        elif self.told_blocked and not blocked:
+        elif self.told_blocked and blocking is None:
             self.told_blocked = False
             self.write(methods.encode(0, commands.Connection.Unblocked()))
 

@@ -108,6 +108,8 @@ class Upstream(asyncio.BufferedProtocol):
         self.frame_max = 0
         self.heartbeat = 0
         self.blocked = False
+        # Connection.Blocked's reason ("low on memory"), told to clients as is.
+        self.blocked_reason = ""
         self.closed = False
         self.close_reason = "upstream connection lost"
         # Closed on purpose (idle sweep, shutdown): not a loss to report.
@@ -422,7 +424,8 @@ class Upstream(asyncio.BufferedProtocol):
             self.lose(f"upstream closed by the broker: {method.reply_text}")
         elif isinstance(method, commands.Connection.Blocked):
             self.blocked = True
-            self.pool.upstream_blocked_changed(method.reason)
+            self.blocked_reason = method.reason
+            self.pool.upstream_blocked_changed()
         elif isinstance(method, commands.Connection.Unblocked):
             self.blocked = False
             self.pool.upstream_blocked_changed()

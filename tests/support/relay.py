@@ -231,9 +231,9 @@ class Relay:
 
     def offer_frame_max(self, frame_max: int | None) -> None:
         """Connections from now on are offered `frame_max` in the broker's
-        Connection.Tune (None: the broker's own). The broker still takes its
-        own: a frame larger than the one offered passes, and a test reads
-        the recorded frames to see whether the proxy kept to the offer."""
+        Connection.Tune (None: the broker's own). The proxy's TuneOk then
+        says it, and the broker holds the connection to it: a larger frame
+        gets 501 and the connection closed, as from a broker configured so."""
         self.tune_frame_max = frame_max
 
     def delay(self, seconds: float, direction: str | tuple[str, ...] = BOTH) -> None:

@@ -364,6 +364,47 @@ def test_blocked_reaches_the_clients_of_the_blocked_upstream_only(
         assert isinstance(other.read_method()[1], commands.Basic.QosOk)
 
 
+def test_a_client_left_without_channels_is_told_its_pool_is_blocked_with_the_reason(
+    fresh_amqplexd, user, queue_name, memory_alarm
+):
+    """A client whose only channel is on the upstream the broker does not
+    block is not blocked; once it closes that channel, its next one may go
+    to the blocked upstream, so it is told Connection.Blocked, with the
+    broker's own reason, and Unblocked when the alarm clears."""
+    raise_alarm, clear_alarm = memory_alarm
+    daemon = fresh_amqplexd(env={"AMQP_POOL_MIN_UPSTREAM_CONNECTIONS": "2"})
+    caps = {"connection.blocked": True}
+    with RawClient(daemon.port) as first, RawClient(daemon.port) as other:
+        first.handshake(user.name, user.password, capabilities=caps)
+        _consume_own_queue(first)
+        wait_until(lambda: len(broker.proxy_connections(user.name)) == 2, what="two upstreams")
+        other.handshake(user.name, user.password, capabilities=caps)
+        _consume_own_queue(other)
+        assert broker.consumers_by_upstream(user.name) == [1, 1], "not one client per upstream"
+        raise_alarm()
+        first.publish(1, b"under the alarm", routing_key=queue_name)
+        told = _next_method(first, commands.Connection.Blocked)
+        other.method(1, commands.Channel.Close(200, "done", 0, 0))
+        seen = []
+        assert _next_method(other, commands.Connection.Blocked, seen).reason == told.reason
+        assert told.reason == "low on memory"
+        assert commands.Channel.CloseOk in seen, "told before its channel was closed"
+        clear_alarm()
+        _next_method(other, commands.Connection.Unblocked)
+
+
+def _next_method(client: RawClient, wanted: type, seen: list | None = None, timeout: float = 15):
+    """The next `wanted` method the client gets; the types before it go in `seen`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = client.read_method(max(0.01, deadline - time.monotonic()))
+        assert got is not None, "connection closed"
+        if isinstance(got[1], wanted):
+            return got[1]
+        if seen is not None:
+            seen.append(type(got[1]))
+
+
 def _consume_own_queue(client: RawClient) -> None:
     client.open_channel(1)
     client.method(1, commands.Queue.Declare(queue="", exclusive=True))

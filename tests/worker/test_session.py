@@ -344,6 +344,73 @@ def test_bodies_are_recut_for_an_upstream_offering_less_than_the_client_was(
         direct.close()
 
 
+def _onto_an_upstream_offering_4096(fresh_amqplexd, relay, queue_name: str):
+    """An amqplexd whose first upstream (two channels, both taken by the
+    client returned, which keeps them) was offered the broker's frame_max,
+    and whose next upstream will be offered 4096."""
+    daemon = fresh_amqplexd(
+        upstream=relay.url, env={"AMQP_POOL_MAX_CHANNELS": "2", "AMQP_POOL_IDLE_CHANNELS": "0"}
+    )
+    first = RawClient(daemon.port)
+    first.handshake()
+    for channel in (1, 2):
+        first.open_channel(channel)
+    first.method(1, commands.Queue.Declare(queue=queue_name))
+    first.expect(commands.Queue.DeclareOk)
+    relay.offer_frame_max(4096)
+    return daemon, first
+
+
+def _canary_works(client: RawClient, channel: int, queue_name: str) -> None:
+    client.method(channel, commands.Queue.Declare(queue=queue_name, passive=True))
+    client.expect(commands.Queue.DeclareOk)
+
+
+def test_a_content_header_too_large_for_its_upstream_is_refused_to_its_client_alone(
+    fresh_amqplexd, relay, queue_name
+):
+    """A content header cannot be re-cut as a body can: one larger than the
+    frame_max of the upstream its channel is on (though not than the
+    client was offered) gets the client RabbitMQ's own 501 from that
+    upstream's broker, and the upstream, with a canary on it, stays up."""
+    daemon, first = _onto_an_upstream_offering_4096(fresh_amqplexd, relay, queue_name)
+    with first, RawClient(daemon.port) as canary, RawClient(daemon.port) as client:
+        client.handshake()  # before the worker learns 4096 from the next upstream
+        assert client.tune.frame_max > 8192
+        canary.handshake()
+        canary.open_channel(1)  # dials the second upstream, offered 4096
+        upstreams = relay.open_connections
+        client.open_channel(1)  # beside the canary's
+        properties = commands.Basic.Properties(headers={"pad": "x" * 6000})
+        client.publish(1, b"too large a header", routing_key=queue_name, properties=properties)
+        close = client.expect_connection_close()
+        assert close.reply_code == 501
+        assert "frame_too_large" in close.reply_text and ",4088}" in close.reply_text
+        _canary_works(canary, 1, queue_name)
+        assert relay.open_connections == upstreams, "an upstream was closed or replaced"
+
+
+def test_a_method_too_large_for_its_upstream_held_while_its_channel_waited_is_refused(
+    fresh_amqplexd, relay, queue_name
+):
+    """The same for a method sent with Channel.Open while the channel waited
+    for its upstream to be dialled: found too large when the channel is
+    bound, from the pool's side, not the client's read."""
+    daemon, first = _onto_an_upstream_offering_4096(fresh_amqplexd, relay, queue_name)
+    with first, RawClient(daemon.port) as client, RawClient(daemon.port) as canary:
+        client.handshake()
+        declare = commands.Queue.Declare(queue=queue_name, arguments={"x-pad": "x" * 6000})
+        client.send(frame.marshal(commands.Channel.Open(), 1) + frame.marshal(declare, 1))
+        close = client.expect_connection_close()
+        assert close.reply_code == 501
+        assert "frame_too_large" in close.reply_text
+        upstreams = relay.open_connections
+        canary.handshake()
+        canary.open_channel(1)  # on the upstream the client's channel was bound to
+        _canary_works(canary, 1, queue_name)
+        assert relay.open_connections == upstreams, "an upstream was closed or replaced"
+
+
 # -- frame_max below the minimum ---------------------------------------------------
 
 
