@@ -106,7 +106,8 @@ class Churn:
     rate: float
     median_ms: float
     p99_ms: float
-    cpu: dict[str, float]  # cores used: generators, amqplexd, broker
+    # Cores used, generators, amqplexd, broker, over the same time as `rate`.
+    cpu: dict[str, float]
     # From the last cycle's end until the queue held every message (found
     # within ~10 ms; 0 for the stub), counted in `rate`.
     drain_ms: float
@@ -135,6 +136,7 @@ def measure(
         landed = None
         if delivers:
             landed = bench.admin.verify({queue: sum(r["published"] for r in results)})
+            meter.end()  # again: the cores over the drain too, as the rate counts it
     finally:
         bench.admin.delete(queue)
     times = [t for r in results for t in r["times"]]
@@ -148,7 +150,7 @@ def measure(
         rate=len(times) / (wall + drained),
         median_ms=median(times) * 1000,
         p99_ms=percentile(times, 0.99) * 1000,
-        cpu={"generators": gen_cpu(results, wall), **meter.cores},
+        cpu={"generators": gen_cpu(results, wall + drained), **meter.cores},
         drain_ms=drained * 1000,
     )
 
