@@ -188,9 +188,15 @@ class ClientChannel:
 
     def from_client(self, frame_type: int, frame: bytes) -> None:
         if self.closing or self.closed_by_proxy:
-            # After a Close only CloseOk counts (spec 2.3.5.3 / 4.2.6).
-            if frame_type == FRAME_METHOD and method_index(frame) == _CHANNEL_CLOSE_OK:
-                self._close_ok_from_client()
+            # After a Close only CloseOk counts (spec 2.3.5.3 / 4.2.6)...
+            if frame_type == FRAME_METHOD:
+                index = method_index(frame)
+                if index == _CHANNEL_CLOSE_OK:
+                    self._close_ok_from_client()
+                elif index == _CHANNEL_CLOSE and self.closed_by_proxy:
+                    # ...but a Close that crossed the proxy's own is answered,
+                    # as RabbitMQ answers one while its Close waits.
+                    self.session.reply(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             return
         if frame_type == FRAME_METHOD:
             if self.expect != _EXPECT_METHOD:
@@ -430,6 +436,10 @@ class ClientChannel:
         return pieces
 
     def _close_from_client(self, frame: bytes) -> None:
+        # Checked as the broker checks it (501 if malformed), whether it is
+        # answered here or forwarded: forwarded malformed, it would close the
+        # shared upstream. Cached: short-lived clients send the same bytes.
+        self.session.worker.connection_methods.decode(frame)
         self.closing = True
         self.content = []
         self.expect = _EXPECT_METHOD

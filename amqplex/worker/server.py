@@ -71,8 +71,9 @@ class Worker:
         self.frame_max = _DEFAULT_FRAME_MAX
         self.channel_max = min(_DEFAULT_CHANNEL_MAX, config.pool.max_channels)
         self._encode_handshake()
-        # Clients' channel-0 methods (StartOk, TuneOk, Open, Close), decoded
-        # once per distinct frame: churning clients send the same ones.
+        # Clients' channel-0 methods (StartOk, TuneOk, Open, Close) and
+        # Channel.Close, decoded once per distinct frame: churning clients
+        # send the same ones.
         self.connection_methods = methods.DecodeCache(HANDSHAKE_CACHE_SIZE)
         self._tasks: set[asyncio.Task] = set()
         self.gate: Gate | None = None

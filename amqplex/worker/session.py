@@ -638,6 +638,12 @@ class ClientSession(asyncio.Protocol):
         self.writer.flush()
         self.state = State.CLOSED
         self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # The CloseOk waits behind output the client is not reading:
+            # bounded as a Close of ours is, else its socket stays for ever.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(self.config.close_timeout, self._abort)
 
     def fail(self, error: AMQPError) -> None:
         """A hard error: tell this client alone, as the broker would."""

@@ -11,7 +11,7 @@ import time
 
 import pika
 import pytest
-from pamqp import commands
+from pamqp import commands, frame
 
 from amqplex.protocol.constants import FRAME_HEARTBEAT
 from tests.conftest import proxy_params
@@ -60,6 +60,31 @@ def test_exclusive_queue_is_locked_to_other_clients_on_the_same_upstream(
     publisher.confirm_delivery()
     publisher.basic_publish("", queue_name, b"mine")
     assert a.channel().basic_get(queue_name, auto_ack=True)[2] == b"mine"
+
+
+@pytest.mark.parametrize("port", ["direct", "proxied"])
+def test_a_close_crossing_the_405_for_a_locked_queue_is_answered(amqplexd, user, queue_name, port):
+    """The client closes its channel as the Close for a locked queue comes:
+    RabbitMQ answers the client's Close with CloseOk while its own waits for
+    the client's, and so does the proxy, which raises that 405 itself."""
+    port = broker.BROKER_PORT if port == "direct" else amqplexd.port
+    with RawClient(port) as owner, RawClient(port) as other:
+        owner.handshake(user.name, user.password)
+        owner.open_channel(1)
+        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+        owner.expect(commands.Queue.DeclareOk)
+        other.handshake(user.name, user.password)
+        other.open_channel(1)
+        other.send(
+            frame.marshal(commands.Basic.Get(queue=queue_name), 1)
+            + frame.marshal(commands.Channel.Close(200, "done", 0, 0), 1)
+        )
+        got = [type(other.read_method()[1]) for _ in range(2)]
+        assert got == [commands.Channel.Close, commands.Channel.CloseOk], got
+        other.method(1, commands.Channel.CloseOk())
+        other.open_channel(1)  # the id is free again
+        other.method(1, commands.Basic.Qos(prefetch_count=1))
+        other.expect(commands.Basic.QosOk)
 
 
 def test_server_named_queue_belongs_to_its_declarer(two_clients):

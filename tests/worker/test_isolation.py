@@ -86,6 +86,12 @@ def with_extra_byte(raw: bytes) -> bytes:
     return raw[:3] + struct.pack(">I", len(payload)) + payload + b"\xce"
 
 
+def bare_method(channel: int, method_class) -> bytes:
+    """A method frame holding its method id and none of its arguments."""
+    payload = struct.pack(">I", method_class.index)
+    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+
+
 def queue_declare_named(channel: int, name: bytes) -> bytes:
     """Queue.Declare whose queue name is any bytes (pamqp would insist on text)."""
     payload = (
@@ -208,6 +214,25 @@ CASES = [
         text_prefix="FRAME_ERROR - cannot decode",
     ),
     Case("malformed-utf8-queue-name", lambda c: queue_declare_named(1, b"\xff\xfeq")),
+    # A Channel.Close is answered by the proxy on a clean channel and
+    # forwarded on one with state: malformed, it reaches neither way.
+    Case(
+        "channel-close-without-arguments",
+        lambda c: bare_method(1, commands.Channel.Close),
+        text_prefix="FRAME_ERROR - cannot decode",
+    ),
+    Case(
+        "channel-close-without-arguments-on-a-channel-with-state",
+        lambda c: bare_method(1, commands.Channel.Close),
+        text_prefix="FRAME_ERROR - cannot decode",
+        prepare=(commands.Basic.Qos(prefetch_count=1),),
+    ),
+    Case(
+        "channel-close-with-trailing-bytes",
+        lambda c: with_extra_byte(method_frame(1, commands.Channel.Close(200, "bye", 0, 0))),
+        text_prefix="FRAME_ERROR - cannot decode",
+        prepare=(commands.Basic.Qos(prefetch_count=1),),
+    ),
     Case(
         "malformed-content-properties",
         lambda c: publish(1) + with_extra_byte(content_header(1, 3)) + body_frame(1, b"abc"),

@@ -213,3 +213,43 @@ def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
         assert resident_mb(pid) < 120, f"worker {pid} grew to {resident_mb(pid):.0f} MB"
     assert slow.read_eof(timeout=15)
     slow.close()
+
+
+def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
+    fresh_amqplexd, user, queue_name
+):
+    """Its Connection.Close answered, the CloseOk waits behind megabytes the
+    client never reads: the proxy drops it after client.close_timeout, as it
+    drops a client that never answers its own Close, rather than keeping
+    the socket (and the worker's count of clients) for ever."""
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576",
+            "AMQP_CLIENT_STALL_TIMEOUT": "60",
+            "AMQP_CLIENT_CLOSE_TIMEOUT": "1",
+        }
+    )
+    slow = RawClient(daemon.port)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.handshake(user.name, user.password)
+    slow.open_channel(1)
+    slow.method(1, commands.Queue.Declare(queue=queue_name))
+    slow.expect(commands.Queue.DeclareOk)
+    slow.method(1, commands.Basic.Consume(queue=queue_name, no_ack=True))
+    slow.expect(commands.Basic.ConsumeOk)
+    publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
+    channel = publisher.channel()
+    for _ in range(64):  # 4 MB, past what the sockets and the output limit hold
+        channel.basic_publish("", queue_name, b"x" * 65536)
+    publisher.close()
+    wait_until(
+        lambda: scrape(daemon.status_port).get("amqplex_active_clients") == 1,
+        what="the publisher gone, the slow client counted",
+    )
+    slow.method(0, commands.Connection.Close(200, "bye", 0, 0))
+    wait_until(
+        lambda: scrape(daemon.status_port).get("amqplex_active_clients") == 0,
+        timeout=10,
+        what="the client dropped",
+    )
+    slow.close()
