@@ -36,6 +36,9 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PoolKey = tuple[Credentials, str]
+# An upstream open this long (s) before the pool lost its last one starts
+# the next outage's redials at the first backoff delay again.
+STEADY_AFTER = 30.0
 
 
 class UpstreamUnavailable(Exception):
@@ -68,6 +71,12 @@ class Pool:
         # fails, so a broker refusing more connections is not asked at every client.
         self._spread_backoff = Backoff()
         self._spread_after = 0.0
+        # Redials after the last upstream was lost. Kept from one outage to
+        # the next unless an upstream stayed open for STEADY_AFTER: a broker
+        # that takes the connection and drops it again at once (a node
+        # shutting down) is otherwise redialled every half second for ever.
+        self._redial_backoff = Backoff()
+        self._opened_at = 0.0
         # The last dial failure _dial_failed logged (see _dial_done).
         self._reported: BaseException | None = None
         self.unavailable = ""
@@ -125,6 +134,7 @@ class Pool:
         self._spread_after = 0.0
         metrics.UPSTREAM_DIAL_SECONDS.observe(time.monotonic() - started)
         metrics.UPSTREAM_LAST_DIAL_SUCCESS.set(time.time())
+        self._opened_at = time.monotonic()
         self.upstreams.append(upstream)
         self.worker.learn(upstream)
         log.info(
@@ -184,7 +194,9 @@ class Pool:
     async def _redial(self) -> None:
         """Redial after the last upstream was lost, with backoff, until the
         broker answers (or refuses these credentials: then the pool goes)."""
-        backoff = Backoff()
+        if time.monotonic() - self._opened_at >= STEADY_AFTER:
+            self._redial_backoff = Backoff()
+        backoff = self._redial_backoff
         try:
             while not self.upstreams:
                 await asyncio.sleep(backoff.next_delay())
@@ -506,9 +518,15 @@ class Pools:
         when a pool already holds a connection logged in with exactly these
         credentials (or another client's login for them just succeeded),
         else a new logged-in connection, not yet open on a vhost, for the
-        caller to hand to get(). UpstreamRefused if the broker says no."""
+        caller to hand to get(). UpstreamRefused if the broker says no;
+        UpstreamUnavailable, without a dial, while a pool of these
+        credentials waits to redial a broker that went away: a login per
+        arriving client would dial it at their rate, backoff or not."""
         if self.logged_in(credentials):
             return None
+        for pool in self._by_credentials.get(credentials, {}).values():
+            if pool.reconnecting:
+                raise UpstreamUnavailable(pool.unavailable)
         pending = self._logins.get(credentials)
         if pending is not None:
             await asyncio.shield(pending)

@@ -4,6 +4,7 @@ their promise, and the proxy comes back by itself (issue 5 points 1, 2, 6, 7).""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -140,6 +141,42 @@ def test_while_the_broker_is_away_new_clients_are_refused_then_served_when_it_re
         assert time.monotonic() - started < 3
     relay.refuse(False)
     wait_until(lambda: can_connect(through_relay.port), timeout=20)
+
+
+def test_clients_arriving_while_the_broker_is_away_do_not_dial_it_each(through_relay, relay):
+    """Only the pool's redials, with their backoff, go to a broker that went
+    away: clients arriving meanwhile are refused without a login of their
+    own (which cost a dial each, at the rate they came)."""
+    assert can_connect(through_relay.port)
+    relay.refuse()
+    relay.sever()
+    dials_before = len(relay.connections)
+    for _ in range(10):
+        with RawClient(through_relay.port) as client:
+            _, answer = client.handshake()
+        assert isinstance(answer, commands.Connection.Close) and answer.reply_code == 320
+    # Ten clients in well under the 0.5 + 1 s of the first two backoffs.
+    assert len(relay.connections) - dials_before <= 2
+    relay.refuse(False)
+    wait_until(lambda: can_connect(through_relay.port), timeout=20)
+
+
+def test_an_upstream_dropped_as_soon_as_it_opens_is_redialled_with_growing_delays(
+    through_relay, relay
+):
+    """A broker that takes the connection and drops it at once (a node
+    shutting down, say) is redialled with the backoff of one outage, not
+    at the first delay after every success."""
+    assert can_connect(through_relay.port)
+    opened = []
+    for _ in range(4):
+        relay.sever()
+        dialled = len(relay.connections)
+        wait_until(lambda d=dialled: relay.open_connections and len(relay.connections) > d)
+        opened.append(time.monotonic())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(opened)]
+    # 1 s, 2 s and 4 s (+-20%) after the first redial's 0.5 s; each at 0.5 s before.
+    assert gaps[-1] >= 0.8 * 4, f"redials {gaps} s apart"
 
 
 def test_a_dial_that_hangs_is_bounded(fresh_amqplexd, relay, user):
