@@ -187,24 +187,36 @@ class Arbiter:
         missing = sorted(set(range(1, self.num_workers + 1)) - {w.slot for w in self.active()})
         if missing and time.monotonic() >= self._next_spawn:
             for slot in missing:
-                self.spawn_worker(slot)
+                if not self.spawn_worker(slot):
+                    return
 
-    def spawn_worker(self, slot: int) -> None:
+    def spawn_worker(self, slot: int) -> bool:
+        """Fork the worker for `slot`; False if the system would not (out of
+        processes or memory): the master carries on and tries again later."""
         seat = self.board.claim()
+        # Signals wait until the child has its own: one arriving between the
+        # fork and those would run the master's handler in the child and be
+        # lost there (a TERM, and the worker would never drain).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_numbers())
         try:
             pid = os.fork()
-        except OSError:
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if seat is not None:
                 self.board.release(seat)
-            raise
+            delay = self._defer_spawns()
+            log.error("cannot start worker %d: %s; trying again in %.1f s", slot, error, delay)
+            return False
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.workers[pid] = WorkerProcess(pid, slot, time.monotonic(), seat)
-            return
+            return True
         # The child: the master's signals and pipe are not its business.
         code = 1
         try:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self._wake_r)
             os.close(self._wake_w)
             # Nor the status port: a worker holding it would keep an old one
@@ -222,6 +234,17 @@ class Arbiter:
                 # A second Ctrl-C during the flush must not leave a forked
                 # child running the master's code.
                 os._exit(code)
+
+    def _defer_spawns(self) -> float:
+        """One more failure to start a worker in a row: the next spawn waits,
+        twice as long as after the last one. The delay."""
+        self._failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        self._next_spawn = time.monotonic() + delay
+        return delay
+
+    def _signal_numbers(self) -> set[int]:
+        return {getattr(signal, f"SIG{name}") for name in self.SIGNALS}
 
     def _drain(self, worker: WorkerProcess) -> None:
         worker.draining = True
@@ -253,9 +276,7 @@ class Arbiter:
                 continue
             metrics.WORKER_RESTARTS.inc()
             if lived < QUICK_DEATH:
-                self._failures += 1
-                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
-                self._next_spawn = time.monotonic() + delay
+                delay = self._defer_spawns()
                 log.error(
                     "worker %d (pid %d) died after %.1f s: %s; restarting in %.1f s",
                     worker.slot,

@@ -86,6 +86,53 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(fresh_amqpl
     assert "restarting in 0.5 s" in log
 
 
+PIDS_CGROUPS = pathlib.Path("/sys/fs/cgroup/pids")
+
+
+@contextlib.contextmanager
+def no_more_processes(pid: int):
+    """`pid` in a cgroup of its own whose pids.max lets it fork nothing more
+    (the kernel's own EAGAIN: a limit on processes, as root meets it too);
+    yields a function that lifts the limit."""
+    if not os.access(PIDS_CGROUPS, os.W_OK):
+        pytest.skip("no writable pids cgroup here")
+    group = PIDS_CGROUPS / f"amqplex-test-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "pids.max").write_text((group / "pids.current").read_text())
+        yield lambda: (group / "pids.max").write_text("max")
+    finally:
+        (group / "pids.max").write_text("max")
+
+        # The master and what it forked meanwhile go back; a dead one leaves
+        # once it is reaped.
+        def emptied() -> bool:
+            for member in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (PIDS_CGROUPS / "cgroup.procs").write_text(member)
+            return not (group / "cgroup.procs").read_text().strip()
+
+        wait_until(emptied, what="the test's cgroup emptied")
+        group.rmdir()
+
+
+def test_a_master_that_cannot_fork_a_worker_carries_on_and_tries_again(fresh_amqplexd):
+    daemon = fresh_amqplexd("-w", "1")
+    (victim,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    with no_more_processes(daemon.process.pid) as lift:
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: "cannot start worker 1" in daemon.log_text(), what="the fork refused")
+        assert daemon.process.poll() is None, "the master died"
+        lift()
+        (replacement,) = wait_until(
+            lambda: [pid for pid in serving_workers(daemon.process.pid) if pid != victim],
+            what="a new worker",
+        )
+    with pika.BlockingConnection(proxy_params(daemon.port)) as connection:
+        assert connection.channel().is_open
+
+
 def test_hup_replaces_workers_without_failing_a_client_or_losing_a_message(
     fresh_amqplexd, queue_name
 ):
