@@ -50,6 +50,8 @@ if typing.TYPE_CHECKING:
     from amqplex.worker.upstream import Upstream
     from amqplex.worker.upstream_channel import UpstreamChannel
 
+# The proxy's Close for a channel whose client left (channel id rewritten).
+_LEAVING_CLOSE = methods.encode(0, commands.Channel.Close(200, "client left", 0, 0))
 _PUBLISH = commands.Basic.Publish.index
 _PUBLISH_IDS = methods.ids(commands.Basic.Publish)
 _CHANNEL_OPEN = commands.Channel.Open.index
@@ -102,6 +104,7 @@ class ClientChannel:
         "slot",
         "pending",
         "pending_size",
+        "held_close",
         "answer_open",
         "expect",
         "body_left",
@@ -125,6 +128,9 @@ class ClientChannel:
         # and their bytes (past PENDING_LIMIT the client is not read).
         self.pending: list[bytes] = []
         self.pending_size = 0
+        # A Channel.Close that came after them (from the client, or the
+        # proxy's own for a client that left): it goes once they have.
+        self.held_close: bytes | None = None
         # Whether the broker's OpenOk is still to be passed to the client.
         self.answer_open = False
         self.expect = _EXPECT_METHOD
@@ -178,6 +184,9 @@ class ClientChannel:
                 self.session.resume_reading()
             self.pending_size = 0
         self.session.channel_bound(slot.upstream)
+        if self.held_close is not None:
+            close, self.held_close = self.held_close, None
+            slot.client_close(rewrite_channel(close, slot.uid_bytes))
 
     def upstream_opened(self) -> None:
         if self.answer_open:
@@ -444,6 +453,11 @@ class ClientChannel:
         self.content = []
         self.expect = _EXPECT_METHOD
         slot = self.slot
+        if slot is None and self.pending:
+            # What it sent while it waited reaches the broker first, as it
+            # would have directly; the broker's CloseOk answers the client.
+            self.held_close = frame
+            return
         if slot is None:
             # Never reached the broker: nothing to close there.
             self.session.pool.stop_waiting(self)
@@ -534,6 +548,11 @@ class ClientChannel:
         """The client left: its channel is recycled if it can be, else closed
         (which gives its unacked messages back to their queues)."""
         slot, self.slot = self.slot, None
+        if slot is None and self.pending:
+            # It still waits, to deliver what the client sent before it left.
+            if self.held_close is None:
+                self.held_close = _LEAVING_CLOSE
+            return
         if slot is None:
             self.session.pool.stop_waiting(self)
             return

@@ -327,9 +327,13 @@ class Pool:
 
     def _waiters(self) -> typing.Iterator[ClientChannel]:
         """The channels waiting for an upstream channel, oldest first; one
-        whose client left or closed it meanwhile stops waiting instead."""
+        whose client left or closed it meanwhile stops waiting instead,
+        unless it still holds what the client sent before (held_close)."""
         for channel in list(self.waiting):
-            if channel.session.channels.get(channel.cid) is channel:
+            if (
+                channel.held_close is not None
+                or channel.session.channels.get(channel.cid) is channel
+            ):
                 yield channel
             else:
                 self.stop_waiting(channel)

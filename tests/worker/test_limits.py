@@ -9,7 +9,7 @@ import time
 
 import pika
 import pytest
-from pamqp import commands
+from pamqp import commands, frame
 
 from tests.conftest import proxy_params
 from tests.master.test_status import scrape
@@ -104,6 +104,47 @@ def test_a_channel_closed_while_it_waits_for_room_is_given_nothing_later(
         with pytest.raises(TimeoutError):
             client.read_frame(timeout=2)
     for connection in (*holders, late):
+        connection.close()
+
+
+@pytest.mark.parametrize("closing", ["channel", "connection"])
+def test_what_a_client_sent_on_a_waiting_channel_before_closing_reaches_the_broker(
+    fresh_amqplexd, user, queue_name, closing
+):
+    """A pipelining client opens a channel while none is free, publishes on
+    it and closes it, or its connection, at once: as directly, the message
+    is routed before the close, once the channel gets an upstream channel
+    (after the client left, for a closed connection), and a closed channel
+    is answered with OpenOk, then the broker's CloseOk."""
+    daemon = fresh_amqplexd(env={**THREE_CHANNELS_IN_ALL, "AMQP_POOL_ACQUIRE_TIMEOUT": "30"})
+    holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
+    channels = [connection.channel() for connection in holders]
+    channels[0].queue_declare(queue_name)
+    close = {
+        "channel": frame.marshal(commands.Channel.Close(200, "done", 0, 0), 1),
+        "connection": frame.marshal(commands.Connection.Close(200, "done", 0, 0), 0),
+    }[closing]
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        # One read: the close is surely taken while the channel waits.
+        client.send(
+            frame.marshal(commands.Channel.Open(), 1)
+            + message(1, queue_name, b"sent while it waited")
+            + close
+        )
+        if closing == "channel":
+            holders.pop().close()  # room for it
+            client.expect(commands.Channel.OpenOk)
+            client.expect(commands.Channel.CloseOk)
+        else:
+            client.expect(commands.Connection.CloseOk)
+    if closing == "connection":
+        holders.pop().close()
+    wait_until(
+        lambda: channels[0].queue_declare(queue_name, passive=True).method.message_count == 1,
+        what="the message in its queue",
+    )
+    for connection in holders:
         connection.close()
 
 
