@@ -22,6 +22,7 @@ _QUEUE_DELETE = struct.Struct(">HHHB")
 _NO_WAIT_ONLY = b"\x04"
 # Queue.Declare's bits: passive, durable, exclusive, auto-delete, no-wait.
 _DECLARE_NO_WAIT = 0b10000
+_DELETE_NO_WAIT = 0b100
 _FRAME_END = bytes([FRAME_END])
 
 
@@ -128,13 +129,22 @@ def queue_delete(channel: int, queue: str) -> bytes:
 
 def declare_answered(frame: bytes) -> bytes:
     """A Queue.Declare frame with its no-wait bit cleared, in the bytes, for
-    the same reason as queue_delete. Its bits follow the method id,
-    reserved-1 and the queue name."""
+    the same reason as queue_delete."""
+    return _no_wait_cleared(frame, _DECLARE_NO_WAIT)
+
+
+def delete_answered(frame: bytes) -> bytes:
+    """The same for a Queue.Delete frame."""
+    return _no_wait_cleared(frame, _DELETE_NO_WAIT)
+
+
+def _no_wait_cleared(frame: bytes, bit: int) -> bytes:
+    # Both methods' bits follow the method id, reserved-1 and the queue name.
     at = FRAME_HEADER_SIZE + 6
     at += 1 + frame[at]
-    declare = bytearray(frame)
-    declare[at] &= ~_DECLARE_NO_WAIT
-    return bytes(declare)
+    cleared = bytearray(frame)
+    cleared[at] &= ~bit
+    return bytes(cleared)
 
 
 def connection_close(code: int, text: str, class_id: int = 0, method_id: int = 0) -> bytes:

@@ -60,6 +60,7 @@ _CHANNEL_CLOSE_OK = commands.Channel.CloseOk.index
 _QUEUE_DECLARE = commands.Queue.Declare.index
 _QUEUE_DECLARE_OK = commands.Queue.DeclareOk.index
 _QUEUE_DELETE = commands.Queue.Delete.index
+_QUEUE_DELETE_OK = commands.Queue.DeleteOk.index
 _BASIC_CANCEL = commands.Basic.Cancel.index
 _BASIC_CONSUME = commands.Basic.Consume.index
 _BASIC_GET = commands.Basic.Get.index
@@ -80,7 +81,9 @@ _NAMES_QUEUE = frozenset(
     )
 )
 # The broker's methods from_broker acts on: never routed past it.
-WATCHED = frozenset((_QUEUE_DECLARE_OK, _BASIC_CONSUME_OK, _BASIC_CANCEL, _TX_COMMIT_OK))
+WATCHED = frozenset(
+    (_QUEUE_DECLARE_OK, _QUEUE_DELETE_OK, _BASIC_CONSUME_OK, _BASIC_CANCEL, _TX_COMMIT_OK)
+)
 _OPEN_OK = methods.encode(0, commands.Channel.OpenOk())
 _CLOSE_OK = methods.encode(0, commands.Channel.CloseOk())
 
@@ -110,6 +113,7 @@ class ClientChannel:
         "body_left",
         "content",
         "declares",
+        "deletes",
         "closing",
         "closed_by_proxy",
         "consumer_tags",
@@ -139,6 +143,12 @@ class ClientChannel:
         # One entry per Queue.Declare awaiting DeclareOk: _SHARED, _OWNED
         # or _OWNED_QUIETLY.
         self.declares: collections.deque[int] = collections.deque()
+        # One entry per Queue.Delete awaiting DeleteOk: the name of a queue
+        # the client owns, given up only then (a refused delete, 406, leaves
+        # it the client's), and whether the client asked for no answer; no
+        # name for another queue. None until the first: memory per idle
+        # client is a target.
+        self.deletes: collections.deque[tuple[str | None, bool]] | None = None
         # The client sent Channel.Close.
         self.closing = False
         # The proxy closed this channel (405) and waits for the client's CloseOk.
@@ -343,7 +353,7 @@ class ClientChannel:
         if index == _QUEUE_DECLARE:
             frame = self._declare(method, frame)
         elif index == _QUEUE_DELETE:
-            self.session.pool.disown(method.queue, self.session)
+            frame = self._delete(method, frame)
         self.unsettled = True  # its reply, or its error, is on the way
         self._send(frame)
 
@@ -360,6 +370,19 @@ class ClientChannel:
         elif owned and method.queue:  # server-named and nowait: nobody learns its name
             self.declares.append(_OWNED_QUIETLY)
             return methods.declare_answered(frame)
+        return frame
+
+    def _delete(self, method: commands.Queue.Delete, frame: bytes) -> bytes:
+        """Note what the DeleteOk will settle, and the frame to send: a
+        nowait delete of a queue the client owns goes as a plain one, so
+        that the broker's answer says whether the queue went."""
+        if self.deletes is None:
+            self.deletes = collections.deque()
+        if self.session.pool.owners.get(method.queue) is self.session:
+            self.deletes.append((method.queue, method.nowait))
+            return methods.delete_answered(frame) if method.nowait else frame
+        if not method.nowait:
+            self.deletes.append((None, False))
         return frame
 
     def _track_consumer(self, method: commands.Basic.Consume) -> None:
@@ -474,7 +497,15 @@ class ClientChannel:
         slot.client_close(rewrite_channel(frame, slot.uid_bytes))
 
     def _reusable(self, slot: UpstreamChannel) -> bool:
-        return not self.stateful and not self.answer_open and slot.healthy
+        # With a DeclareOk or DeleteOk still to come, the channel stays the
+        # client's until it has: it settles which queues it owns (rule 7).
+        return (
+            not self.stateful
+            and not self.answer_open
+            and not self.declares
+            and not self.deletes
+            and slot.healthy
+        )
 
     def _close_ok_from_client(self) -> None:
         if self.closed_by_proxy:
@@ -523,6 +554,12 @@ class ClientChannel:
                     session.pool.own(queue, session, self.slot.upstream)
                     if declared == _OWNED_QUIETLY:
                         return  # the client asked for no answer
+            elif index == _QUEUE_DELETE_OK and self.deletes:
+                queue, quiet = self.deletes.popleft()
+                if queue is not None:
+                    session.pool.disown(queue, session)
+                if quiet:
+                    return  # the client asked for no answer
             elif index in DELIVERIES:
                 session.worker.stats.messages_delivered += 1
             elif index == _BASIC_CONSUME_OK:
@@ -559,7 +596,9 @@ class ClientChannel:
         if self._reusable(slot):
             slot.recycle(self.unsettled, self.largest_body)
         else:
-            slot.close()
+            # A DeclareOk still on its way names a queue of the client's
+            # (rule 7), for the upstream channel to delete now that it left.
+            slot.close(owned_declares=[declared != _SHARED for declared in self.declares])
 
 
 def _committing(ids: tuple[int, int]) -> ConnectionException:

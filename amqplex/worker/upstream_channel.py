@@ -31,6 +31,7 @@ if typing.TYPE_CHECKING:
 _OPEN_OK = commands.Channel.OpenOk.index
 _CLOSE = commands.Channel.Close.index
 _CLOSE_OK = commands.Channel.CloseOk.index
+_DECLARE_OK = commands.Queue.DeclareOk.index
 _RECOVER_OK = commands.Basic.RecoverOk.index
 _LIFECYCLE = frozenset((_OPEN_OK, _CLOSE, _CLOSE_OK))
 # The broker's methods from_broker acts on: never routed past it. A method
@@ -52,6 +53,7 @@ class UpstreamChannel:
         "proving",
         "proven_body",
         "for_idle",
+        "orphan_declares",
     )
 
     def __init__(self, upstream: Upstream, uid: int) -> None:
@@ -75,6 +77,10 @@ class UpstreamChannel:
         self.proving = -1
         # Opened by the pool to be idle (counted in upstream.idle_opening).
         self.for_idle = False
+        # For each Queue.Declare its departed client left unanswered, in
+        # order: whether the queue was to be the client's (then deleted).
+        # None, not an empty list, for the thousands that never have one.
+        self.orphan_declares: list[bool] | None = None
 
     def attach(self, client: ClientChannel) -> None:
         """Carry `client`'s channel. What the broker sends on it then goes
@@ -116,6 +122,11 @@ class UpstreamChannel:
         client = self.client
         if client is not None:
             client.from_broker(frame_type, frame, index)
+        elif index == _DECLARE_OK and self.orphan_declares:
+            # Popped whatever it says: the next DeclareOk is the next declare's.
+            owned = self.orphan_declares.pop(0)
+            if owned:
+                self.upstream.delete_queues([methods.decode(frame).queue])
 
     def _opened(self) -> None:
         if self.closing or self.probing:
@@ -179,10 +190,13 @@ class UpstreamChannel:
         self.probing = True
         self.write(rewrite_channel(_PROBE, self.uid_bytes))
 
-    def close(self) -> None:
+    def close(self, owned_declares: typing.Sequence[bool] = ()) -> None:
         """Close it, detached from its client: the client left, the proxy
         closed the client's channel (405), or the pool has idle channels to
-        spare. Answers a pending broker Close instead if there is one."""
+        spare. Answers a pending broker Close instead if there is one.
+        `owned_declares`: the client's unanswered declares (orphan_declares)."""
+        if owned_declares:
+            self.orphan_declares = list(owned_declares)
         self.detach()
         if self.owes_close_ok:
             self.client_close_ok()

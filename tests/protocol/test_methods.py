@@ -91,3 +91,11 @@ def test_declare_answered_clears_only_the_no_wait_bit():
         assert answered.nowait is False
         assert (answered.queue, answered.exclusive, answered.durable) == (name, True, True)
         assert answered.arguments == {"x-a": 1}
+
+
+def test_delete_answered_clears_only_the_no_wait_bit():
+    for name in ("orders.1", "x" * 200):
+        sent = commands.Queue.Delete(queue=name, if_unused=True, if_empty=True, nowait=True)
+        answered = methods.decode(methods.delete_answered(frame.marshal(sent, 1)))
+        assert answered.nowait is False
+        assert (answered.queue, answered.if_unused, answered.if_empty) == (name, True, True)

@@ -87,6 +87,69 @@ def test_a_close_crossing_the_405_for_a_locked_queue_is_answered(amqplexd, user,
         other.expect(commands.Basic.QosOk)
 
 
+@pytest.mark.parametrize("closing", ["channel", "connection"])
+def test_a_queue_declared_nowait_and_left_at_once_is_still_its_declarers(
+    amqplexd, user, queue_name, closing
+):
+    """An exclusive queue declared with nowait, its channel (or connection)
+    closed in the same breath: the broker's DeclareOk comes after the
+    client's Close, and still makes the queue the client's, locked to the
+    others on its upstream and deleted when the client leaves."""
+    declare = commands.Queue.Declare(queue=queue_name, exclusive=True, nowait=True)
+    close = {
+        "channel": frame.marshal(commands.Channel.Close(200, "done", 0, 0), 1),
+        "connection": frame.marshal(commands.Connection.Close(200, "done", 0, 0), 0),
+    }[closing]
+    with RawClient(amqplexd.port) as owner, RawClient(amqplexd.port) as other:
+        owner.handshake(user.name, user.password)
+        owner.open_channel(1)
+        owner.send(frame.marshal(declare, 1) + close)
+        if closing == "channel":
+            owner.expect(commands.Channel.CloseOk)
+            other.handshake(user.name, user.password)
+            other.open_channel(1)
+            other.method(1, commands.Basic.Get(queue=queue_name))
+            _, refused = other.expect(commands.Channel.Close)
+            assert refused.reply_code == 405
+        else:
+            owner.expect(commands.Connection.CloseOk)
+    wait_until(lambda: queue_name not in queue_names(), what="the queue deleted with its owner")
+
+
+@pytest.mark.parametrize("nowait", [False, True], ids=["delete", "nowait-delete"])
+def test_an_exclusive_queue_the_broker_will_not_delete_stays_locked(
+    amqplexd, user, queue_name, nowait
+):
+    """Queue.Delete if-empty of an exclusive queue holding a message is
+    refused (406): the queue stays, and stays its declarer's; deleted, it
+    is nobody's, and its name is free for another client's declare."""
+    with RawClient(amqplexd.port) as owner, RawClient(amqplexd.port) as other:
+        owner.handshake(user.name, user.password)
+        owner.open_channel(1)
+        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+        owner.expect(commands.Queue.DeclareOk)
+        owner.send(message(1, queue_name, b"kept"))
+        owner.method(1, commands.Queue.Delete(queue=queue_name, if_empty=True, nowait=nowait))
+        _, refused = owner.expect(commands.Channel.Close)
+        assert refused.reply_code == 406
+        owner.method(1, commands.Channel.CloseOk())
+        other.handshake(user.name, user.password)
+        other.open_channel(1)
+        other.method(1, commands.Basic.Get(queue=queue_name))
+        _, locked = other.expect(commands.Channel.Close)
+        assert locked.reply_code == 405
+        other.method(1, commands.Channel.CloseOk())
+        owner.open_channel(1)
+        owner.method(1, commands.Queue.Delete(queue=queue_name, nowait=nowait))
+        if not nowait:
+            owner.expect(commands.Queue.DeleteOk)
+        owner.method(1, commands.Basic.Qos(prefetch_count=1))  # after the delete's answer
+        owner.expect(commands.Basic.QosOk)
+        other.open_channel(1)
+        other.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+        other.expect(commands.Queue.DeclareOk)
+
+
 def test_server_named_queue_belongs_to_its_declarer(two_clients):
     a, b = two_clients
     name = a.channel().queue_declare("", exclusive=False).method.queue
