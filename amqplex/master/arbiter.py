@@ -400,9 +400,13 @@ class Arbiter:
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
             self._sleep(min(0.2, max(0.01, deadline - time.monotonic())))
-            if signal.SIGQUIT in self._signals:
-                return self._stop(graceful=False) if graceful else 0
+            quit_now = signal.SIGQUIT in self._signals
             self._signals.clear()
+            if quit_now and graceful:
+                # Which waits for the workers as well: none is left behind.
+                return self._stop(graceful=False)
+            if quit_now:
+                break  # asked twice to exit now: the workers are killed below
             self.reap_workers()
         for worker in list(self.workers.values()):
             log.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -163,17 +164,29 @@ class Worker:
         """Serve until TERM/INT (drain, then exit) or QUIT (exit now)."""
         await self.start(listener, seat)
         stop = self.loop.create_future()
+        quit_now = self.loop.create_future()
+
+        def stopping(graceful: bool) -> None:
+            if not stop.done():
+                stop.set_result(graceful)
+            if not graceful and not quit_now.done():
+                quit_now.set_result(None)
+
         for signum, graceful in (
             (signal.SIGTERM, True),
             (signal.SIGINT, True),
             (signal.SIGQUIT, False),
         ):
-            self.loop.add_signal_handler(
-                signum, lambda g=graceful: stop.done() or stop.set_result(g)
-            )
+            self.loop.add_signal_handler(signum, stopping, graceful)
         if await stop:
             setproctitle(f"amqplexd: worker {self.slot} (draining)")
-            await self.drain(self.config.drain_timeout)
+            draining = self.loop.create_task(self.drain(self.config.drain_timeout))
+            # QUIT cuts a drain short as it would have cut serving.
+            await asyncio.wait((draining, quit_now), return_when=asyncio.FIRST_COMPLETED)
+            if not draining.done():
+                draining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await draining
             # The last second's counters too (the drain's 320s, the last
             # sessions' bytes): the exporter would next run after the exit.
             self.exporter.flush()

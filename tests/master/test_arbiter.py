@@ -296,6 +296,24 @@ def test_quit_exits_at_once(fresh_amqplexd):
         connection.channel()
 
 
+def test_quit_during_a_drain_exits_at_once(fresh_amqplexd):
+    """TERM, then QUIT while a client still holds the drain: everything
+    exits now, not after the drain or the master's kill grace."""
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_DRAIN_TIMEOUT": "60"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    (worker,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    os.kill(daemon.process.pid, signal.SIGTERM)
+    wait_until(lambda: "draining" in title(worker), what="the worker draining")
+    started = time.monotonic()
+    os.kill(daemon.process.pid, signal.SIGQUIT)
+    daemon.process.wait(10)
+    assert time.monotonic() - started < 3
+    assert not os.path.exists(f"/proc/{worker}"), "the master left its worker behind"
+    assert "did not stop in time" not in daemon.log_text()
+    with contextlib.suppress(pika.exceptions.AMQPError):
+        connection.close()
+
+
 def test_ttin_adds_and_ttou_removes_a_worker(fresh_amqplexd):
     daemon = fresh_amqplexd("-w", "1")
     wait_until(lambda: len(serving_workers(daemon.process.pid)) == 1)
