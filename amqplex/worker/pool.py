@@ -217,13 +217,18 @@ class Pool:
 
     def upstream_lost(self, upstream: Upstream, reason: str, expected: bool) -> None:
         """Every client of a lost upstream gets 320 CONNECTION_FORCED, then the
-        pool redials with backoff (DESIGN rule 8)."""
+        pool redials with backoff (DESIGN rule 8): those with a channel on
+        it, and those owning a queue there (exclusive to that connection at
+        the broker, it went with it)."""
+        sessions = {slot.client.session for slot in upstream.slots.values() if slot.client}
+        for name, owned_on in self._owned_on.items():
+            if owned_on is upstream:
+                sessions.add(self.owners[name])
         self._forget(upstream)
         if expected:
             log.info("upstream for %r closed", self)
             return
         log.warning("upstream for %r lost: %s", self, reason)
-        sessions = {slot.client.session for slot in upstream.slots.values() if slot.client}
         for session in sessions:
             session.force_close(ReplyCode.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}")
         if not self.upstreams and self._reconnect is None:

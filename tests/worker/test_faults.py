@@ -73,6 +73,21 @@ def test_severed_upstream_closes_every_client_with_320_within_a_second(through_r
     wait_until(lambda: can_connect(through_relay.port), timeout=10)
 
 
+def test_a_client_tied_to_a_severed_upstream_by_its_exclusive_queue_alone_gets_320(
+    through_relay, relay, queue_name
+):
+    """Its channel closed, an exclusive queue of its own is all the client
+    has on the upstream; the broker deletes it with that connection, as it
+    would the client's own connection, so the client gets the 320 too."""
+    client = client_with_channel(through_relay.port)
+    client.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+    client.expect(commands.Queue.DeclareOk)
+    client.method(1, commands.Channel.Close(200, "done", 0, 0))
+    client.expect(commands.Channel.CloseOk)
+    relay.sever()
+    expect_forced_close([client], "CONNECTION_FORCED", since=time.monotonic(), within=1.0)
+
+
 def test_confirmed_messages_survive_a_severed_upstream(through_relay, relay, queue_name):
     connection = pika.BlockingConnection(proxy_params(through_relay.port))
     channel = connection.channel()
