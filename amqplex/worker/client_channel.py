@@ -203,6 +203,14 @@ class ClientChannel:
             self.answer_open = False
             self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
 
+    def _owed_open_ok(self) -> None:
+        """Before the proxy itself answers a Close or refuses something on a
+        channel it has not said OpenOk to yet (waiting for room, or for the
+        broker's OpenOk): the broker would have opened it first."""
+        if self.slot is None or self.answer_open:
+            self.answer_open = False
+            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
+
     # -- client to broker ---------------------------------------------------------
 
     def from_client(self, frame_type: int, frame: bytes) -> None:
@@ -484,6 +492,7 @@ class ClientChannel:
         if slot is None:
             # Never reached the broker: nothing to close there.
             self.session.pool.stop_waiting(self)
+            self._owed_open_ok()
             self.session.reply(rewrite_channel(_CLOSE_OK, self.cid_bytes))
             self.session.channel_finished(self)
             return
@@ -517,6 +526,7 @@ class ClientChannel:
     def close_by_proxy(self, error: ChannelException) -> None:
         """Close this channel for a soft error the proxy found itself (405):
         the client is told, the upstream channel closed behind it."""
+        self._owed_open_ok()
         self.session.write(
             methods.channel_close(self.cid, error.code, error.text, error.class_id, error.method_id)
         )

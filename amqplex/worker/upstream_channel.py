@@ -129,12 +129,12 @@ class UpstreamChannel:
                 self.upstream.delete_queues([methods.decode(frame).queue])
 
     def _opened(self) -> None:
-        if self.closing or self.probing:
-            return
-        if self.client is None:
-            self.upstream.pool.add_idle(self)
-        else:
+        if self.client is not None:
+            # Its client's OpenOk, even with the client's Close on its way:
+            # the broker's CloseOk follows it, as it would directly.
             self.client.upstream_opened()
+        elif not (self.closing or self.probing):
+            self.upstream.pool.add_idle(self)
 
     def _closed_by_broker(self, frame: bytes) -> None:
         self.closing = True

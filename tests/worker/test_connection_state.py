@@ -87,6 +87,31 @@ def test_a_close_crossing_the_405_for_a_locked_queue_is_answered(amqplexd, user,
         other.expect(commands.Basic.QosOk)
 
 
+@pytest.mark.parametrize("port", ["direct", "proxied"])
+def test_a_channel_closed_or_refused_as_it_opens_is_opened_first(
+    fresh_amqplexd, user, queue_name, port
+):
+    """Channel.Open sent with a Close, or with a request refused 405, right
+    behind it: the broker answers OpenOk first, and so does the proxy while
+    the upstream channel is still being opened (no idle one)."""
+    daemon = fresh_amqplexd(env={"AMQP_POOL_IDLE_CHANNELS": "0"})
+    port = broker.BROKER_PORT if port == "direct" else daemon.port
+    with RawClient(port) as owner, RawClient(port) as client:
+        owner.handshake(user.name, user.password)
+        owner.open_channel(1)
+        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
+        owner.expect(commands.Queue.DeclareOk)
+        client.handshake(user.name, user.password)
+        opening = frame.marshal(commands.Channel.Open(), 1)
+        client.send(opening + frame.marshal(commands.Channel.Close(200, "done", 0, 0), 1))
+        got = [type(client.read_method()[1]) for _ in range(2)]
+        assert got == [commands.Channel.OpenOk, commands.Channel.CloseOk], got
+        client.send(opening + frame.marshal(commands.Basic.Get(queue=queue_name), 1))
+        got = [client.read_method()[1] for _ in range(2)]
+        assert type(got[0]) is commands.Channel.OpenOk, got
+        assert isinstance(got[1], commands.Channel.Close) and got[1].reply_code == 405, got
+
+
 @pytest.mark.parametrize("closing", ["channel", "connection"])
 def test_a_queue_declared_nowait_and_left_at_once_is_still_its_declarers(
     amqplexd, user, queue_name, closing

@@ -91,9 +91,11 @@ def test_a_channel_closed_while_it_waits_for_room_is_given_nothing_later(
         client.method(
             1, commands.Channel.Close(reply_code=200, reply_text="", class_id=0, method_id=0)
         )
+        client.expect(commands.Channel.OpenOk)  # as the broker, before its CloseOk
         client.expect(commands.Channel.CloseOk)
         client.method(2, commands.Channel.Open())
         client.method(2, commands.Basic.Get(queue=queue_name))  # another client's queue
+        client.expect(commands.Channel.OpenOk)
         _, close = client.expect(commands.Channel.Close)
         assert close.reply_code == 405
         holders.pop().close()
