@@ -51,17 +51,23 @@ class TextFormatter(logging.Formatter):
         self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        if not (record.exc_info or record.stack_info):
-            return self.line(Parts.of(record))
-        record.process = procid.current()
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
-        return line + " " + _pairs(fields) if fields else line
+        line = self.line(Parts.of(record))
+        # A traceback's lines follow, as Formatter.format puts them.
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
     def line(self, parts: Parts) -> str:
+        message = parts.message
+        if not message.isprintable():
+            # A client's words in a message (an exchange type it sent, say)
+            # must not start a line of their own: escaped, as JSON would.
+            message = json.dumps(message)[1:-1]
         line = (
             f"{self._asctime(parts.created, parts.msecs)} {procid.current()} "
-            f"{parts.levelname} {parts.name}: {parts.message}"
+            f"{parts.levelname} {parts.name}: {message}"
         )
         return line + " " + _pairs(parts.fields) if parts.fields else line
 

@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import logging
+import sys
 import time
 import types
 import weakref
@@ -226,6 +227,31 @@ def test_a_field_value_is_bare_or_quoted_as_json_would_quote_it(value):
     text = str(value)
     quoted = not text or " " in text or '"' in text or not text.isprintable()
     assert logs._text(value) == (json.dumps(text) if quoted else text)
+
+
+def test_a_client_chosen_message_cannot_start_a_log_line_of_its_own(capsys):
+    """Client text reaches messages too (the reason a client is closed, an
+    exchange type it declared): escaped, it stays on its line; a traceback
+    still follows on lines of its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.TextFormatter())
+    logger = logging.getLogger("amqplex.test-forged-message")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("closing client: unknown type '%s'", "x\n2026-12-03 ERROR amqplex: forged")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed for 'a\rb'")
+    finally:
+        logger.removeHandler(handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert not any(line.startswith("2026-12-03 ERROR") for line in lines), lines
+    assert "unknown type 'x\\n2026-12-03 ERROR amqplex: forged'" in lines[0]
+    assert "failed for 'a\\rb'" in lines[1]
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom"
 
 
 def test_a_client_chosen_value_cannot_start_a_log_line_of_its_own():

@@ -64,13 +64,15 @@ class UpstreamConfig:
 
 
 def mask_password(url: str) -> str:
-    """`url` with the password in it, if any, masked: for --check, logs and ps."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """`url` with the password in it, if any, masked: for --check, logs and ps.
+    Read as text, up to the last "@", not as a URL: a password with a "/",
+    "?" or "#" left unescaped ends a URL's authority early, and the URL
+    parser would find no password to hide."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:********@{hostport}").geturl()
+    return f"{scheme}://{userinfo.partition(':')[0]}:********@{hostpart}"
 
 
 @dataclasses.dataclass(slots=True)

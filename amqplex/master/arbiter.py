@@ -29,7 +29,7 @@ import typing
 from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
-from amqplex import metrics, tls
+from amqplex import logs, metrics, tls
 from amqplex.board import Board, Seat
 from amqplex.config import Config, ConfigError
 from amqplex.config.settings import mask_password
@@ -349,6 +349,8 @@ class Arbiter:
             self.status = status
         old_workers = self.active()
         self.config = new
+        # Before the fork: the new workers log as the new configuration says.
+        logs.configure(new.log.level, new.log.format)
         self._contexts = contexts
         tls.log_at_start(new)
         self.num_workers = new.workers

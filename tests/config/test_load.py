@@ -460,6 +460,10 @@ def test_describe_masks_a_password_in_the_upstream_url(tmp_path):
         ("amqp://:hunter2@broker", "amqp://:********@broker"),
         ("amqp://bob@broker:5672", "amqp://bob@broker:5672"),
         ("amqp://127.0.0.1:5672", "amqp://127.0.0.1:5672"),
+        # Unescaped, these end the authority early for a URL parser.
+        ("amqp://app:s3cr/et@rabbit:5672", "amqp://app:********@rabbit:5672"),
+        ("amqp://app:9999/xyz@rabbit", "amqp://app:********@rabbit"),
+        ("amqps://app:a?b#c@rabbit/vh", "amqps://app:********@rabbit/vh"),
     ],
 )
 def test_mask_password_hides_only_the_password(url, shown):

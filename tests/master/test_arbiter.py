@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -190,6 +191,31 @@ def test_hup_with_a_bad_configuration_keeps_the_running_one(fresh_amqplexd, tmp_
     connection = pika.BlockingConnection(proxy_params(daemon.port))
     assert connection.channel().is_open
     connection.close()
+
+
+def test_hup_applies_the_new_log_format_and_level(fresh_amqplexd, tmp_path):
+    config = tmp_path / "amqplex.yaml"
+    config.write_text("log:\n  format: text\n")
+    daemon = fresh_amqplexd("-w", "1", "-c", str(config))
+    wait_until(lambda: serving_workers(daemon.process.pid))
+    config.write_text("log:\n  format: json\n  level: debug\n")
+    os.kill(daemon.process.pid, signal.SIGHUP)
+
+    def json_lines() -> list[dict]:
+        lines = daemon.log_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    # The new worker's own start, in JSON.
+    started = wait_until(
+        lambda: [e for e in json_lines() if e["message"].startswith("listening on")],
+        what="a JSON line from the new worker",
+    )
+    assert started[0]["level"] == "info"
+    # Debug lines now show: a client that goes before its Open is one.
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        sock.recv(4096)
+    wait_until(lambda: any(e["level"] == "debug" for e in json_lines()), what="a debug line")
 
 
 @contextlib.contextmanager
