@@ -412,16 +412,21 @@ def read_pem(key: str, value: str) -> bytes:
             data = handle.read()
     except FileNotFoundError:
         raise SettingError(
-            key, f"no such file: {_shorten(value)} (nor is it base64-encoded PEM)"
+            key, f"no such file: {_shown(key, value)} (nor is it base64-encoded PEM)"
         ) from None
     except OSError as error:
-        raise SettingError(key, f"cannot read {_shorten(value)}: {error.strerror}") from None
+        raise SettingError(key, f"cannot read {_shown(key, value)}: {error.strerror}") from None
     if b"-----BEGIN " not in data:
-        raise SettingError(key, f"{_shorten(value)} holds no PEM data")
+        raise SettingError(key, f"{_shown(key, value)} holds no PEM data")
     return data
 
 
-def _shorten(value: str) -> str:
+def _shown(key: str, value: str) -> str:
+    """`value` as an error may show it: a path, shortened; never what may be
+    key material (a private key's setting given as base64 that did not
+    decode), of which even a part is a part of the key."""
+    if key.endswith(".key") and not os.path.isabs(value):
+        return f"(a value of {len(value)} characters, not shown)"
     return repr(value if len(value) <= 80 else value[:77] + "...")
 
 

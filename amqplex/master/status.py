@@ -124,12 +124,17 @@ class StatusServer:
             status, content_type, body = 405, "text/plain", b"only GET\n"
         else:
             path = parts[1].split("?", 1)[0]
-            status, content_type, body = self._route(path, headers)
+            try:
+                status, content_type, body = self._route(path, headers)
+            except Exception:  # a metrics file half written, say: never the master
+                log.exception("status request for %s failed", path)
+                status, content_type, body = 500, "text/plain", b"internal error\n"
         body_out = b"" if parts and parts[0] == "HEAD" else body
         reason = {
             200: "OK",
             404: "Not Found",
             405: "Method Not Allowed",
+            500: "Internal Server Error",
             503: "Service Unavailable",
         }
         response = (

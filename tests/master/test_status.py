@@ -178,6 +178,20 @@ def test_a_dead_workers_gauges_vanish_and_its_restart_is_counted(daemon):
     assert metrics["amqplex_active_clients"] == 0
 
 
+def test_a_metrics_file_that_cannot_be_read_fails_the_scrape_not_the_master(
+    fresh_amqplexd, tmp_path
+):
+    """An empty .db file, as a worker killed between prometheus-client's
+    open and truncate leaves one: /metrics answers 500 and the master goes
+    on serving, where the collector's error used to end it."""
+    directory = tmp_path / "metrics"
+    daemon = fresh_amqplexd("-w", "1", env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    (directory / "counter_99999.db").write_bytes(b"")
+    assert get(daemon.status_port, "/metrics")[0] == 500
+    assert get(daemon.status_port, "/")[0] == 200
+    assert daemon.process.poll() is None
+
+
 def test_health_is_503_while_draining(fresh_amqplexd):
     # The client never answers the Close 320 the drain ends with: the worker
     # exits after drain_timeout and then client.close_timeout.
