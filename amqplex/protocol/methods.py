@@ -86,6 +86,12 @@ def _layout(method_class: type[Method]) -> tuple[tuple[str, str], ...]:
     return tuple((name, method_class.amqp_type(name)) for name in method_class.__slots__)
 
 
+# The largest frame DecodeCache keeps: every client library's StartOk is a
+# few hundred bytes, and a large one (a crafted table of empty tables) can
+# decode to sixteen times its size, held before any login is checked.
+CACHED_FRAME_MAX = 2048
+
+
 class DecodeCache:
     """Decoded methods by the bytes of their frame, for frames that arrive
     byte-identical again and again: every client of one library sends the
@@ -104,9 +110,10 @@ class DecodeCache:
         method = self._known.get(frame_bytes)
         if method is None:
             method = decode(frame_bytes)
-            if len(self._known) >= self._size:
-                del self._known[next(iter(self._known))]  # the oldest
-            self._known[frame_bytes] = method
+            if len(frame_bytes) <= CACHED_FRAME_MAX:
+                if len(self._known) >= self._size:
+                    del self._known[next(iter(self._known))]  # the oldest
+                self._known[frame_bytes] = method
         return method
 
 

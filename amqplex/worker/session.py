@@ -121,7 +121,9 @@ class ClientSession(asyncio.Protocol):
         self.state = State.HEADER
         self.transport: asyncio.Transport | None = None
         self.writer: BatchedWriter | None = None
-        self.splitter = FrameSplitter(worker.frame_max, slack=FRAME_OVERHEAD)
+        # Until TuneOk, RabbitMQ takes frames of its minimum size only: a
+        # larger one is 501, and none can pin more than that before login.
+        self.splitter = FrameSplitter(FRAME_MIN_SIZE, slack=FRAME_OVERHEAD)
         self.channels: dict[int, ClientChannel] = {}
         self.pool: Pool | None = None
         self.credentials: Credentials | None = None
@@ -321,7 +323,9 @@ class ClientSession(asyncio.Protocol):
 
     def _start_ok(self, method: commands.Connection.StartOk) -> None:
         self.credentials = parse_response(method.mechanism, method.response)
-        capabilities = method.client_properties.get("capabilities") or {}
+        capabilities = method.client_properties.get("capabilities")
+        if not isinstance(capabilities, dict):  # ignored, as RabbitMQ ignores it
+            capabilities = {}
         self.cancel_notify = bool(capabilities.get("consumer_cancel_notify"))
         self.blocked_notify = bool(capabilities.get("connection.blocked"))
         if self.worker.pools.logged_in(self.credentials):

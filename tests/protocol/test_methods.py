@@ -59,6 +59,19 @@ def test_cache_forgets_the_oldest_frame_when_full():
     assert cache.decode(frames[0]) is not decoded[0]  # evicted, decoded again
 
 
+def test_cache_keeps_no_large_frame():
+    """A StartOk of a few hundred bytes is kept; one padded past
+    CACHED_FRAME_MAX, whose decoded tables could be many times its size, is
+    decoded each time and never held."""
+    cache = methods.DecodeCache(4)
+    small = frame.marshal(commands.Connection.StartOk(client_properties={"a": "b"}), 0)
+    padded = {"pad": "x" * methods.CACHED_FRAME_MAX}
+    large = frame.marshal(commands.Connection.StartOk(client_properties=padded), 0)
+    assert cache.decode(small) is cache.decode(small)
+    assert cache.decode(large) is not cache.decode(large)
+    assert cache.decode(large).client_properties == padded
+
+
 def test_cache_keeps_no_frame_that_failed_to_decode():
     cache = methods.DecodeCache(4)
     bad = with_trailing_byte(TUNE_OK)

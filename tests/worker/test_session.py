@@ -411,6 +411,30 @@ def test_a_method_too_large_for_its_upstream_held_while_its_channel_waited_is_re
         assert relay.open_connections == upstreams, "an upstream was closed or replaced"
 
 
+def test_a_frame_over_the_minimum_size_before_tune_is_refused_with_501(amqplexd):
+    """Until TuneOk, RabbitMQ takes frames of FRAME_MIN_SIZE (4096 octets of
+    payload) only: a larger StartOk is its 501 frame_too_large, before any
+    login, so no client can make the proxy hold more than that unchecked."""
+    with RawClient(amqplexd.port) as client:
+        client.send(PROTOCOL_HEADER)
+        client.expect(commands.Connection.Start)
+        start_ok = commands.Connection.StartOk(
+            client_properties={"pad": "x" * 5000}, response="\x00guest\x00guest"
+        )
+        client.send(frame.marshal(start_ok, 0))
+        close = client.expect_connection_close(timeout=5)
+    assert close.reply_code == 501
+    assert "frame_too_large" in close.reply_text and ",4088}" in close.reply_text
+
+
+def test_capabilities_that_are_not_a_table_are_ignored(amqplexd):
+    """As RabbitMQ ignores them: the client is in, with neither capability."""
+    with RawClient(amqplexd.port) as client:
+        _, answer = client.handshake(capabilities="not a table")
+        assert isinstance(answer, commands.Connection.OpenOk)
+        client.open_channel(1)
+
+
 # -- frame_max below the minimum ---------------------------------------------------
 
 
