@@ -153,6 +153,12 @@ class ClientConfig:
         minimum=0.05,
     )
     close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)
+    max_message_size: int = setting(
+        128 * 1024 * 1024,
+        "the largest message body (bytes) a client may publish: a larger one is refused "
+        "406 at its content header, as RabbitMQ's own max_message_size (same default)",
+        minimum=1,
+    )
 
 
 @dataclasses.dataclass(slots=True)

@@ -244,6 +244,10 @@ class ClientChannel:
             if self.expect != _EXPECT_HEADER:
                 raise _unexpected_frame(self.expect)
             self.body_left = check_header(frame)
+            if self.body_left > self.session.config.max_message_size:
+                # Refused before any of it is held: else one client could
+                # fill the worker's memory with one message.
+                raise _too_big(self.body_left, self.session.config.max_message_size)
             check_header_routes(self.content[0], frame)
             if not quiet.quiet_header(frame):
                 self.unsettled = True
@@ -295,6 +299,8 @@ class ClientChannel:
         pieces, end, mandatory, unsettled, largest = whole_publish.renumber_run(
             frames, start, self.cid, slot.uid_bytes
         )
+        if largest > self.session.config.max_message_size:
+            return 0  # from_client refuses it
         if not pieces:
             piece = self._whole_by_reference(frames, start, slot.uid_bytes)
             if piece is None:
@@ -609,6 +615,16 @@ class ClientChannel:
             # A DeclareOk still on its way names a queue of the client's
             # (rule 7), for the upstream channel to delete now that it left.
             slot.close(owned_declares=[declared != _SHARED for declared in self.declares])
+
+
+def _too_big(size: int, limit: int) -> ChannelException:
+    # RabbitMQ's words; it says "configured max size" for any but its default.
+    kind = "max size" if limit == 128 * 1024 * 1024 else "configured max size"
+    return ChannelException(
+        ReplyCode.PRECONDITION_FAILED,
+        f"message size {size} is larger than {kind} {limit}",
+        *_PUBLISH_IDS,
+    )
 
 
 def _committing(ids: tuple[int, int]) -> ConnectionException:

@@ -10,11 +10,12 @@ import time
 import pika
 import pytest
 from pamqp import commands, frame
+from pamqp.header import ContentHeader
 
 from tests.conftest import proxy_params
 from tests.master.test_status import scrape
 from tests.support.broker import proxy_connections
-from tests.support.rawclient import RawClient, message, send_until_refused
+from tests.support.rawclient import RawClient, body_frame, message, send_until_refused
 from tests.support.waiting import wait_until
 
 # One upstream of three channel ids, none kept idle, and a second's wait for one.
@@ -296,3 +297,43 @@ def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
         what="the client dropped",
     )
     slow.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "body_size", "said"),
+    [
+        ({}, 1 << 40, "message size 1099511627776 is larger than max size 134217728"),
+        (
+            {"AMQP_CLIENT_MAX_MESSAGE_SIZE": "1000"},
+            1001,
+            "message size 1001 is larger than configured max size 1000",
+        ),
+    ],
+    ids=["default", "configured"],
+)
+def test_a_message_over_the_size_limit_is_refused_at_its_header(
+    fresh_amqplexd, user, queue_name, env, body_size, said
+):
+    """A content header announcing more than client.max_message_size is
+    refused 406 on that channel, as RabbitMQ refuses a message over its
+    max_message_size, before the proxy holds a byte of its body (an
+    announced terabyte, fed frame by frame, filled a worker's memory); the
+    connection and the upstream go on."""
+    daemon = fresh_amqplexd(env=env)
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.method(1, commands.Queue.Declare(queue=queue_name))
+        client.expect(commands.Queue.DeclareOk)
+        publish = frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue_name), 1)
+        header = frame.marshal(ContentHeader(0, body_size, commands.Basic.Properties()), 1)
+        body = body_frame(1, b"x" * min(body_size, 4096))
+        client.send(publish + header + body)  # one read: the whole-message path too
+        _, refused = client.expect(commands.Channel.Close)
+        assert (refused.reply_code, refused.class_id, refused.method_id) == (406, 60, 40)
+        assert refused.reply_text == f"PRECONDITION_FAILED - {said}"
+        client.method(1, commands.Channel.CloseOk())
+        client.open_channel(2)
+        client.method(2, commands.Queue.Declare(queue=queue_name, passive=True))
+        _, ok = client.expect(commands.Queue.DeclareOk)
+        assert ok.message_count == 0
