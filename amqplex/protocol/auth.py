@@ -7,8 +7,7 @@ field table without its length prefix, with LOGIN and PASSWORD.
 import dataclasses
 import struct
 
-from pamqp import decode
-
+from amqplex.protocol import tables
 from amqplex.protocol.constants import ReplyCode
 from amqplex.protocol.errors import ConnectionException
 
@@ -32,7 +31,7 @@ def parse_response(mechanism: str, response: bytes | str) -> Credentials:
         return Credentials(_text(parts[1]), _text(parts[2]))
     if mechanism == "AMQPLAIN":
         try:
-            _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
+            _, table = tables.field_table(struct.pack(">I", len(raw)) + raw)
         except Exception as error:
             raise _refused("malformed AMQPLAIN response") from error
         login, password = table.get("LOGIN"), table.get("PASSWORD")

@@ -14,6 +14,7 @@ import struct
 from pamqp import commands
 from pamqp import decode as values
 
+from amqplex.protocol import tables
 from amqplex.protocol.constants import BASIC_CLASS_ID, FRAME_HEADER_SIZE, ReplyCode
 from amqplex.protocol.errors import ConnectionException
 
@@ -104,7 +105,7 @@ def _properties_fit(frame: bytes, pos: int, end: int, flags: int) -> bool:
             if kind == "shortstr":
                 pos += 1 + frame[pos]
             elif kind == "table":
-                consumed, _ = values.field_table(frame[pos:end])
+                consumed, _ = tables.field_table(frame[pos:end])
                 pos += consumed
             else:
                 pos += _WIDTHS[kind]

@@ -10,6 +10,7 @@ import struct
 from pamqp import base, commands, frame
 from pamqp import decode as values
 
+from amqplex.protocol import tables
 from amqplex.protocol.constants import FRAME_END, FRAME_HEADER_SIZE, FRAME_METHOD, ReplyCode
 from amqplex.protocol.errors import ConnectionException
 
@@ -72,7 +73,10 @@ def _unmarshal(method: Method, data: bytes) -> int:
             _, value = values.bit(data[offset : offset + 1], bit)
             bit, in_bits = bit + 1, True
         else:
-            consumed, value = values.by_type(data[offset:], data_type)
+            if data_type == "table":
+                consumed, value = tables.field_table(data[offset:])
+            else:
+                consumed, value = values.by_type(data[offset:], data_type)
             offset += consumed
             if offset > len(data):
                 raise ValueError(f"{argument} truncated")

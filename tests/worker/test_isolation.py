@@ -405,6 +405,43 @@ def test_misbehaviour_gets_the_brokers_answer_on_that_client_alone(case, amqplex
     assert upstream_names(shared.user) == shared.names
 
 
+# A headers table of eight octets whose one value, a long string, claims five
+# octets where one is left; and Queue.Declare arguments of a key with no value.
+# pamqp decodes both (reading past the table, or a None); RabbitMQ's reader or
+# channel crashes on them and takes the whole connection down.
+def overrunning_header(body_size: int) -> bytes:
+    payload = struct.pack(">HHQ", 60, 0, body_size) + bytes.fromhex("2000000000080161530000000578")
+    return _frame(2, payload)
+
+
+_KEY_WITHOUT_VALUE = bytes.fromhex("0032000a000001710000000002016100")
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        (lambda: publish(1) + overrunning_header(0), 541),
+        (lambda: publish(1) + overrunning_header(3) + body_frame(1, b"abc"), 541),
+        (lambda: _frame(1, _KEY_WITHOUT_VALUE), 501),
+    ],
+    ids=["header-table-value-past-its-end", "the-same-in-a-whole-message", "key-without-value"],
+)
+def test_a_field_table_the_broker_cannot_parse_never_reaches_it(amqplexd, shared, send, code):
+    """RabbitMQ parses a table within its own length; one it cannot parse
+    crashes its reader or channel, closing the connection it came on: the
+    proxy refuses it on that client, and the upstream stays."""
+    with connect(amqplexd.port, shared.user) as client:
+        client.send(send())
+        close = client.expect_connection_close(ANSWER_TIMEOUT)
+    assert close.reply_code == code
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def _frame(frame_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", frame_type, 1, len(payload)) + payload + b"\xce"
+
+
 def test_body_longer_than_its_header_says_is_a_frame_error_kept_from_the_upstream(amqplexd, shared):
     """RabbitMQ itself never answers this one (its channel waits for a body
     size below zero for ever), so there is nothing to compare: forwarded, it
