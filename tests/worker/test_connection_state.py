@@ -69,10 +69,7 @@ def test_a_close_crossing_the_405_for_a_locked_queue_is_answered(amqplexd, user,
     the client's, and so does the proxy, which raises that 405 itself."""
     port = broker.BROKER_PORT if port == "direct" else amqplexd.port
     with RawClient(port) as owner, RawClient(port) as other:
-        owner.handshake(user.name, user.password)
-        owner.open_channel(1)
-        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
-        owner.expect(commands.Queue.DeclareOk)
+        owning(owner, user, queue_name)
         other.handshake(user.name, user.password)
         other.open_channel(1)
         other.send(
@@ -97,10 +94,7 @@ def test_a_channel_closed_or_refused_as_it_opens_is_opened_first(
     daemon = fresh_amqplexd(env={"AMQP_POOL_IDLE_CHANNELS": "0"})
     port = broker.BROKER_PORT if port == "direct" else daemon.port
     with RawClient(port) as owner, RawClient(port) as client:
-        owner.handshake(user.name, user.password)
-        owner.open_channel(1)
-        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
-        owner.expect(commands.Queue.DeclareOk)
+        owning(owner, user, queue_name)
         client.handshake(user.name, user.password)
         opening = frame.marshal(commands.Channel.Open(), 1)
         client.send(opening + frame.marshal(commands.Channel.Close(200, "done", 0, 0), 1))
@@ -149,10 +143,7 @@ def test_an_exclusive_queue_the_broker_will_not_delete_stays_locked(
     refused (406): the queue stays, and stays its declarer's; deleted, it
     is nobody's, and its name is free for another client's declare."""
     with RawClient(amqplexd.port) as owner, RawClient(amqplexd.port) as other:
-        owner.handshake(user.name, user.password)
-        owner.open_channel(1)
-        owner.method(1, commands.Queue.Declare(queue=queue_name, exclusive=True))
-        owner.expect(commands.Queue.DeclareOk)
+        owning(owner, user, queue_name)
         owner.send(message(1, queue_name, b"kept"))
         owner.method(1, commands.Queue.Delete(queue=queue_name, if_empty=True, nowait=nowait))
         _, refused = owner.expect(commands.Channel.Close)
@@ -516,6 +507,14 @@ def _next_method(client: RawClient, wanted: type, seen: list | None = None, time
             return got[1]
         if seen is not None:
             seen.append(type(got[1]))
+
+
+def owning(client: RawClient, user, queue: str) -> None:
+    """`client` in as `user`, channel 1 open, `queue` declared exclusive."""
+    client.handshake(user.name, user.password)
+    client.open_channel(1)
+    client.method(1, commands.Queue.Declare(queue=queue, exclusive=True))
+    client.expect(commands.Queue.DeclareOk)
 
 
 def _consume_own_queue(client: RawClient) -> None:

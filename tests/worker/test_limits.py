@@ -219,6 +219,20 @@ def test_wrong_credentials_never_grow_the_pools(fresh_amqplexd, user):
     assert metrics["amqplex_upstream_connections"] == 0
 
 
+def slow_consumer(port: int, user, queue: str) -> RawClient:
+    """A no-ack consumer of `queue` with a tiny receive buffer, that reads
+    nothing unless told to."""
+    slow = RawClient(port)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.handshake(user.name, user.password)
+    slow.open_channel(1)
+    slow.method(1, commands.Queue.Declare(queue=queue))
+    slow.expect(commands.Queue.DeclareOk)
+    slow.method(1, commands.Basic.Consume(queue=queue, no_ack=True))
+    slow.expect(commands.Basic.ConsumeOk)
+    return slow
+
+
 def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
     fresh_amqplexd, user, queue_name, canary_for
 ):
@@ -226,14 +240,7 @@ def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
         env={"AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576", "AMQP_CLIENT_STALL_TIMEOUT": "1"}
     )
     canary = canary_for(daemon.port, user)
-    slow = RawClient(daemon.port)
-    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.handshake(user.name, user.password)
-    slow.open_channel(1)
-    slow.method(1, commands.Queue.Declare(queue=queue_name))
-    slow.expect(commands.Queue.DeclareOk)
-    slow.method(1, commands.Basic.Consume(queue=queue_name, no_ack=True))
-    slow.expect(commands.Basic.ConsumeOk)
+    slow = slow_consumer(daemon.port, user, queue_name)
     # Now it reads nothing while 32 MB are delivered to it.
     publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
     channel = publisher.channel()
@@ -273,14 +280,7 @@ def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
             "AMQP_CLIENT_CLOSE_TIMEOUT": "1",
         }
     )
-    slow = RawClient(daemon.port)
-    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.handshake(user.name, user.password)
-    slow.open_channel(1)
-    slow.method(1, commands.Queue.Declare(queue=queue_name))
-    slow.expect(commands.Queue.DeclareOk)
-    slow.method(1, commands.Basic.Consume(queue=queue_name, no_ack=True))
-    slow.expect(commands.Basic.ConsumeOk)
+    slow = slow_consumer(daemon.port, user, queue_name)
     publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
     channel = publisher.channel()
     for _ in range(64):  # 4 MB, past what the sockets and the output limit hold
