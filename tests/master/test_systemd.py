@@ -92,9 +92,10 @@ def test_unit_is_type_notify():
     assert unit_settings()["Service"].get("NotifyAccess", ["main"])[-1] in ("main", "all")
 
 
-def test_unit_reload_sends_hup_to_the_master():
-    reload = service("ExecReload")
-    assert re.fullmatch(r"/bin/kill -(s )?HUP \$MAINPID", reload), reload
+def test_unit_reload_checks_the_configuration_then_sends_hup_to_the_master():
+    check, hup = unit_settings()["Service"]["ExecReload"]
+    assert check.split()[1:] == ["--check", "-c", DEFAULT_PATHS[1]]
+    assert re.fullmatch(r"/bin/kill -(s )?HUP \$MAINPID", hup), hup
 
 
 def test_unit_checks_the_configuration_it_starts_with():
