@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         code = Arbiter(config, reload, run_worker).run()
+    except ConfigError as error:  # what could not be bound: no traceback
+        print(f"amqplexd: {error}", file=sys.stderr)
+        code = 1
     finally:
         if made_here and os.getpid() == master_pid:
             metrics_dir.remove(metrics_path)

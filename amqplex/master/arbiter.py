@@ -102,8 +102,22 @@ class Arbiter:
         raise_nofile_limit()
         self._contexts = tls.build(self.config)
         listen = self.config.listen
-        self.listener = listener.bind(listen.address, listen.port)
-        self.status = self._bind_status(self.config)
+        try:
+            self.listener = listener.bind(listen.address, listen.port)
+        except OSError as error:
+            raise ConfigError(
+                f"listen.address, listen.port: cannot listen on {listen.address}:{listen.port}: "
+                f"{error.strerror or error}"
+            ) from None
+        try:
+            self.status = self._bind_status(self.config)
+        except OSError as error:
+            self.listener.close()
+            address, port = status_address(self.config)
+            raise ConfigError(
+                f"metrics.address, metrics.port: cannot serve status on {address}:{port}: "
+                f"{error.strerror or error}"
+            ) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

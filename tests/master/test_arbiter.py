@@ -347,3 +347,39 @@ def test_ttin_adds_and_ttou_removes_a_worker(fresh_amqplexd):
     wait_until(lambda: len(serving_workers(daemon.process.pid)) == 2)
     os.kill(daemon.process.pid, signal.SIGTTOU)
     wait_until(lambda: len(workers(daemon.process.pid)) == 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"AMQP_LISTEN_ADDRESS": "0.0.0.0:5673"}, "listen.address, listen.port: cannot listen on"),
+        ({"AMQP_LISTEN_PORT": "{taken}"}, "listen.address, listen.port: cannot listen on"),
+        ({"AMQP_METRICS_PORT": "{taken}"}, "metrics.address, metrics.port: cannot serve status"),
+    ],
+    ids=["address-with-a-port", "listen-port-taken", "status-port-taken"],
+)
+def test_a_listener_that_cannot_be_bound_is_a_message_naming_the_keys(env, said):
+    """As a bad setting is: exit 1 and a line naming what to fix, not a
+    traceback (an address --check cannot refuse, a port taken meanwhile)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {key: value.format(taken=port) for key, value in env.items()}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("AMQP_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "amqplex", f"amqp://{BROKER_HOST}:{BROKER_PORT}", "-w", "1"],
+            env={
+                **clean,
+                **TEST_ENV,
+                "AMQP_LISTEN_ADDRESS": "127.0.0.1",
+                "AMQP_LISTEN_PORT": str(free_ports(1)[0]),
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
