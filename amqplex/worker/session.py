@@ -358,19 +358,21 @@ class ClientSession(asyncio.Protocol):
 
     def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
         ids = methods.ids(commands.Connection.TuneOk)
-        frame_max = method.frame_max or self.worker.frame_max
-        if frame_max < FRAME_MIN_SIZE:
+        # RabbitMQ's negotiation: a value under the minimum is refused, and
+        # so is 0 ("no limit") against a server that has one, as this has.
+        frame_max = method.frame_max
+        if 0 < frame_max < FRAME_MIN_SIZE:
             raise ConnectionException(
                 ReplyCode.NOT_ALLOWED, f"frame_max={frame_max} < {FRAME_MIN_SIZE} min size", *ids
             )
-        if frame_max > self.worker.frame_max:
+        if frame_max == 0 or frame_max > self.worker.frame_max:
             raise ConnectionException(
                 ReplyCode.NOT_ALLOWED,
                 f"frame_max={frame_max} > {self.worker.frame_max} max size",
                 *ids,
             )
-        channel_max = method.channel_max or self.worker.channel_max
-        if channel_max > self.worker.channel_max:
+        channel_max = method.channel_max
+        if channel_max == 0 or channel_max > self.worker.channel_max:
             raise ConnectionException(
                 ReplyCode.NOT_ALLOWED,
                 f"channel_max={channel_max} > {self.worker.channel_max} max size",

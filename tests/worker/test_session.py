@@ -466,6 +466,29 @@ def test_proxy_refuses_tune_ok_below_frame_min_size_with_530(amqplexd, frame_max
         assert methods_until_eof(client, timeout=5) == []
 
 
+@pytest.mark.parametrize("field", ["frame_max", "channel_max"])
+def test_tune_ok_asking_for_no_limit_is_refused_as_the_broker_refuses_it(amqplexd, field):
+    """0, "no limit", against a server that has one: RabbitMQ refuses it
+    (not_allowed, "frame_max=0 > 131072 max size"), and so does the proxy,
+    with the Close the broker leaves out during the handshake."""
+    for port in (BROKER, amqplexd.port):
+        with RawClient(port) as client:
+            client.send(PROTOCOL_HEADER)
+            client.expect(commands.Connection.Start)
+            client.method(0, commands.Connection.StartOk(response="\x00guest\x00guest"))
+            _, tune = client.expect(commands.Connection.Tune)
+            values = {"frame_max": tune.frame_max, "channel_max": tune.channel_max, field: 0}
+            client.method(0, commands.Connection.TuneOk(heartbeat=0, **values))
+            client.method(0, commands.Connection.Open(virtual_host="/"))
+            got = methods_until_eof(client, timeout=8)
+        assert not any(isinstance(m, commands.Connection.OpenOk) for m in got), (port, got)
+        closes = [m for m in got if isinstance(m, commands.Connection.Close)]
+        if port == amqplexd.port:
+            assert [c.reply_code for c in closes] == [530]
+            maximum = tune.frame_max if field == "frame_max" else tune.channel_max
+            assert closes[0].reply_text == f"NOT_ALLOWED - {field}=0 > {maximum} max size"
+
+
 # -- handshake timeout ---------------------------------------------------------------
 
 
