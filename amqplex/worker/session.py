@@ -385,7 +385,8 @@ class ClientSession(asyncio.Protocol):
         self.state = State.OPEN
 
     def _open(self, method: commands.Connection.Open) -> None:
-        self.vhost = method.virtual_host or "/"
+        # As given: an empty one is the broker's to refuse (530, not found).
+        self.vhost = method.virtual_host
         limit = self.worker.config.pool.max_client_connections
         if limit and self.worker.running_sessions() >= limit:
             raise ConnectionException(

@@ -598,6 +598,14 @@ def test_vhost_not_granted_is_refused_530_as_the_broker_refuses_it(amqplexd, use
     assert {row["vhost"] for row in broker.proxy_connections(user.name)} == {"/"}
 
 
+def test_an_empty_vhost_is_the_brokers_to_refuse(amqplexd, user):
+    """Not taken for "/": RabbitMQ has no vhost "" and says so, word for word."""
+    refusal = proxy_refusal(amqplexd.port, user.name, user.password, "")
+    direct = broker_refusal(user.name, user.password, "")
+    assert refusal.reply_code == direct.reply_code == 530
+    assert refusal.reply_text == direct.reply_text
+
+
 def test_refusals_leave_no_upstream_behind(fresh_amqplexd, user, forbidden_vhost):
     daemon = fresh_amqplexd()
     stranger = broker.new_user()
