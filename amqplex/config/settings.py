@@ -11,6 +11,8 @@ import dataclasses
 import os
 import urllib.parse
 
+from amqplex.protocol.constants import MAX_MESSAGE_SIZE
+
 
 def setting(default, help: str, *, minimum=None, maximum=None, choices=None, secret=False):
     """A dataclass field with its documentation and bounds."""
@@ -154,7 +156,7 @@ class ClientConfig:
     )
     close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)
     max_message_size: int = setting(
-        128 * 1024 * 1024,
+        MAX_MESSAGE_SIZE,
         "the largest message body (bytes) a client may publish: a larger one is refused "
         "406 at its content header, as RabbitMQ's own max_message_size (same default)",
         minimum=1,

@@ -105,19 +105,14 @@ class Arbiter:
         try:
             self.listener = listener.bind(listen.address, listen.port)
         except OSError as error:
-            raise ConfigError(
-                f"listen.address, listen.port: cannot listen on {listen.address}:{listen.port}: "
-                f"{error.strerror or error}"
-            ) from None
+            where = (listen.address, listen.port)
+            raise _cannot_bind("listen", "listen on", where, error) from None
         try:
             self.status = self._bind_status(self.config)
         except OSError as error:
             self.listener.close()
-            address, port = status_address(self.config)
-            raise ConfigError(
-                f"metrics.address, metrics.port: cannot serve status on {address}:{port}: "
-                f"{error.strerror or error}"
-            ) from None
+            where = status_address(self.config)
+            raise _cannot_bind("metrics", "serve status on", where, error) from None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -433,6 +428,14 @@ class Arbiter:
         self.status.close()
         log.info("master %d exiting", os.getpid())
         return 0
+
+
+def _cannot_bind(section: str, what: str, where: tuple[str, int], error: OSError) -> ConfigError:
+    """The start's refusal for a socket it cannot bind, naming the settings."""
+    return ConfigError(
+        f"{section}.address, {section}.port: cannot {what} {where[0]}:{where[1]}: "
+        f"{error.strerror or error}"
+    )
 
 
 def status_address(config: Config) -> tuple[str, int]:

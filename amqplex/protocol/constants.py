@@ -14,6 +14,8 @@ FRAME_HEADER_SIZE = 7
 FRAME_OVERHEAD = FRAME_HEADER_SIZE + 1
 # The spec's smallest frame_max: every peer must accept frames this large.
 FRAME_MIN_SIZE = 4096
+# RabbitMQ's default max_message_size (3.8 and later), in body octets.
+MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 BASIC_CLASS_ID = 60

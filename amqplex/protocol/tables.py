@@ -27,7 +27,7 @@ _FIXED = {
     ord("T"): 8,
     ord("V"): 0,
 }
-_SIZED = frozenset(map(ord, "SxFA"))
+_LONG_STRINGS = frozenset(map(ord, "Sx"))
 
 
 def field_table(data: bytes) -> tuple[int, common.FieldTable]:
@@ -66,7 +66,7 @@ def _check_value(data: bytes, pos: int, limit: int) -> int:
         end = _check_table(data, pos, limit)
     elif kind == ord("A"):
         end = _check_array(data, pos, limit)
-    elif kind in _SIZED:
+    elif kind in _LONG_STRINGS:
         end = _sized_end(data, pos, limit)
     else:
         raise ValueError(f"unknown field type {chr(kind)!r}")

@@ -23,6 +23,7 @@ from amqplex.protocol.constants import (
     FRAME_HEARTBEAT,
     FRAME_METHOD,
     FRAME_OVERHEAD,
+    MAX_MESSAGE_SIZE,
     ReplyCode,
 )
 from amqplex.protocol.content import check_header
@@ -179,16 +180,15 @@ class ClientChannel:
         slot.attach(self)
         self.answer_open = answer_open
         if not answer_open:
-            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
+            self._open_ok()
         if self.pending:
+            pending, self.pending = self.pending, []
             try:
-                frames = self._on_upstream(self.pending, slot)
+                frames = self._on_upstream(pending, slot)
             except ConnectionException as error:
                 # Bound from the pool as often as from the client's own read.
-                self.pending = []
                 self.session.fail(error)
                 return
-            self.pending = []
             slot.upstream.writer.write_many(frames)
             if self.pending_size > PENDING_LIMIT:
                 self.session.resume_reading()
@@ -200,16 +200,18 @@ class ClientChannel:
 
     def upstream_opened(self) -> None:
         if self.answer_open:
-            self.answer_open = False
-            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
+            self._open_ok()
 
     def _owed_open_ok(self) -> None:
         """Before the proxy itself answers a Close or refuses something on a
         channel it has not said OpenOk to yet (waiting for room, or for the
         broker's OpenOk): the broker would have opened it first."""
         if self.slot is None or self.answer_open:
-            self.answer_open = False
-            self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
+            self._open_ok()
+
+    def _open_ok(self) -> None:
+        self.answer_open = False
+        self.session.reply(rewrite_channel(_OPEN_OK, self.cid_bytes))
 
     # -- client to broker ---------------------------------------------------------
 
@@ -619,7 +621,7 @@ class ClientChannel:
 
 def _too_big(size: int, limit: int) -> ChannelException:
     # RabbitMQ's words; it says "configured max size" for any but its default.
-    kind = "max size" if limit == 128 * 1024 * 1024 else "configured max size"
+    kind = "max size" if limit == MAX_MESSAGE_SIZE else "configured max size"
     return ChannelException(
         ReplyCode.PRECONDITION_FAILED,
         f"message size {size} is larger than {kind} {limit}",
