@@ -10,6 +10,7 @@ mid-message never leaves half a message on a shared connection.
 from __future__ import annotations
 
 import collections
+import contextlib
 import typing
 
 from pamqp import commands
@@ -40,6 +41,7 @@ from amqplex.protocol.framing import (
 )
 from amqplex.worker import quiet, whole_publish
 from amqplex.worker.rules import (
+    DIRECT_REPLY_QUEUE,
     STATELESS_METHODS,
     check_client_method,
     check_header_routes,
@@ -64,7 +66,6 @@ _QUEUE_DELETE = commands.Queue.Delete.index
 _QUEUE_DELETE_OK = commands.Queue.DeleteOk.index
 _BASIC_CANCEL = commands.Basic.Cancel.index
 _BASIC_CONSUME = commands.Basic.Consume.index
-_BASIC_GET = commands.Basic.Get.index
 _BASIC_CONSUME_OK = commands.Basic.ConsumeOk.index
 _TX_COMMIT = commands.Tx.Commit.index
 _TX_COMMIT_OK = commands.Tx.CommitOk.index
@@ -118,6 +119,9 @@ class ClientChannel:
         "closing",
         "closed_by_proxy",
         "consumer_tags",
+        "consumes",
+        "held_for",
+        "declared",
         "committing",
         "stateful",
         "unsettled",
@@ -156,12 +160,26 @@ class ClientChannel:
         self.closed_by_proxy = False
         # Live consumer tags: reusing one is a connection error at the broker.
         self.consumer_tags: set[str] = set()
+        # One entry per Basic.Consume sent to the broker and awaiting
+        # ConsumeOk: its tag, "" for one the broker names (ConsumeOk tells
+        # it), None for direct reply-to's. None until the first.
+        self.consumes: collections.deque[str | None] | None = None
+        # The tag of a Basic.Cancel held in `pending`, with all the client
+        # sent after it, until its consumer's ConsumeOk has come: a Cancel
+        # that overtakes the ConsumeOk crashes RabbitMQ's (3.10) channel,
+        # which closes the whole upstream with 541.
+        self.held_for: str | None = None
+        # The queue an empty queue name means on this channel, as the broker
+        # keeps it (most_recently_declared_queue): the last this client
+        # declared here ("" while the broker names it), None before its first
+        # declare. Not the previous client's on the same upstream channel.
+        self.declared: str | None = None
         # Tx.Commit sent, CommitOk not yet back: the broker takes nothing but
         # Channel.Close meanwhile, and anything else is a connection error.
         self.committing = False
         # The client did something that changes channel state (consume, qos,
-        # confirm, tx, flow, unacked gets, mandatory publishes): its upstream
-        # channel is closed after it, never handed to another client.
+        # confirm, tx, flow, gets, mandatory publishes): its upstream channel
+        # is closed after it, never handed to another client.
         self.stateful = False
         # Something the client sent may still draw a reply or an error from
         # the broker (anything but a quiet publish, quiet.py): recycling its
@@ -181,22 +199,66 @@ class ClientChannel:
         self.answer_open = answer_open
         if not answer_open:
             self._open_ok()
-        if self.pending:
-            pending, self.pending = self.pending, []
-            try:
-                frames = self._on_upstream(pending, slot)
-            except ConnectionException as error:
-                # Bound from the pool as often as from the client's own read.
-                self.session.fail(error)
-                return
-            slot.upstream.writer.write_many(frames)
-            if self.pending_size > PENDING_LIMIT:
-                self.session.resume_reading()
-            self.pending_size = 0
+        if self.pending and not self._flush(slot):
+            return
         self.session.channel_bound(slot.upstream)
-        if self.held_close is not None:
+        self._send_held_close(slot)
+
+    def _flush(self, slot: UpstreamChannel) -> bool:
+        """Send what `pending` holds, in order, up to a Cancel that must wait
+        for its consumer's ConsumeOk (held_for); False if the client failed
+        for it. Bound from the pool as often as from the client's own read,
+        and released from the broker's ConsumeOk: a frame too large for this
+        upstream fails the client here."""
+        pending, consumes = self.pending, self.consumes
+        cut = len(pending)
+        self.held_for = None
+        for at, frame in enumerate(pending):
+            if frame[0] != FRAME_METHOD:
+                continue
+            index = method_index(frame)
+            if index == _BASIC_CONSUME:
+                consume = methods.decode(frame)
+                if not consume.nowait:
+                    if consumes is None:
+                        consumes = self.consumes = collections.deque()
+                    consumes.append(_consume_entry(consume))
+            elif index == _BASIC_CANCEL and consumes:
+                tag = methods.decode(frame).consumer_tag
+                if tag in consumes:
+                    self.held_for, cut = tag, at
+                    break
+        self.pending = pending[cut:]
+        try:
+            frames = self._on_upstream(pending[:cut], slot)
+        except ConnectionException as error:
+            self.session.fail(error)
+            return False
+        slot.upstream.writer.write_many(frames)
+        if self.pending_size > PENDING_LIMIT:
+            self.session.resume_reading()
+        self.pending_size = sum(map(len, self.pending))
+        return True
+
+    def _send_held_close(self, slot: UpstreamChannel) -> None:
+        if self.held_close is not None and not self.pending:
             close, self.held_close = self.held_close, None
             slot.client_close(rewrite_channel(close, slot.uid_bytes))
+
+    def _unhold(self, slot: UpstreamChannel) -> None:
+        """The channel closes with frames held behind a Cancel: they go now
+        but for the Cancels, which the close does anyway."""
+        pending, self.pending = self.pending, []
+        self.held_for = None
+        self.pending_size = 0
+        kept = [
+            frame
+            for frame in pending
+            if frame[0] != FRAME_METHOD or method_index(frame) != _BASIC_CANCEL
+        ]
+        # A frame too large for this upstream is dropped: the channel closes anyway.
+        with contextlib.suppress(ConnectionException):
+            slot.upstream.writer.write_many(self._on_upstream(kept, slot))
 
     def upstream_opened(self) -> None:
         if self.answer_open:
@@ -295,6 +357,7 @@ class ClientChannel:
             or self.closed_by_proxy
             or self.committing
             or slot is None
+            or self.held_for is not None
             or self.session.frame_max > slot.upstream.frame_max
         ):
             return 0
@@ -356,20 +419,28 @@ class ClientChannel:
         check_client_method(method, self.session.worker.exchange_types)
         if self.committing:
             raise _committing(methods.ids(type(method)))
-        if index not in STATELESS_METHODS or (index == _BASIC_GET and not method.no_ack):
+        if index not in STATELESS_METHODS:
             self.stateful = True
-        if index == _BASIC_CONSUME:
-            self._track_consumer(method)
+        if index in _NAMES_QUEUE:
+            queue = self._queue_meant(index, method)
+            self._check_queue_owner(queue, method)
+            if index == _QUEUE_DECLARE:
+                frame = self._declare(method, frame)
+            elif index == _QUEUE_DELETE:
+                frame = self._delete(queue, method, frame)
+            elif index == _BASIC_CONSUME:
+                self._track_consumer(queue, method)
+                if not method.nowait and self.slot is not None and self.held_for is None:
+                    if self.consumes is None:
+                        self.consumes = collections.deque()
+                    self.consumes.append(_consume_entry(method))
         elif index == _BASIC_CANCEL:
-            self.consumer_tags.discard(method.consumer_tag)
+            tag = method.consumer_tag
+            self.consumer_tags.discard(tag)
+            if self.consumes and tag in self.consumes and self.held_for is None:
+                self.held_for = tag
         elif index == _TX_COMMIT:
             self.committing = True
-        if index in _NAMES_QUEUE:
-            self._check_queue_owner(method)
-        if index == _QUEUE_DECLARE:
-            frame = self._declare(method, frame)
-        elif index == _QUEUE_DELETE:
-            frame = self._delete(method, frame)
         self.unsettled = True  # its reply, or its error, is on the way
         self._send(frame)
 
@@ -388,38 +459,55 @@ class ClientChannel:
             return methods.declare_answered(frame)
         return frame
 
-    def _delete(self, method: commands.Queue.Delete, frame: bytes) -> bytes:
+    def _queue_meant(self, index: int, method: methods.Method) -> str:
+        """The queue a method names. An empty name (but in a declare) is the
+        queue last declared on the channel; on one this client declared
+        none on, RabbitMQ's 404, as the broker gives on a new channel: the
+        upstream channel may remember a previous client's queue."""
+        queue = method.queue
+        if index == _QUEUE_DECLARE:
+            self.declared = queue
+        elif not queue:
+            if self.declared is None:
+                raise ChannelException(
+                    ReplyCode.NOT_FOUND, "no previously declared queue", *methods.ids(type(method))
+                )
+            queue = self.declared
+        return queue
+
+    def _delete(self, queue: str, method: commands.Queue.Delete, frame: bytes) -> bytes:
         """Note what the DeleteOk will settle, and the frame to send: a
         nowait delete of a queue the client owns goes as a plain one, so
         that the broker's answer says whether the queue went."""
         if self.deletes is None:
             self.deletes = collections.deque()
-        if self.session.pool.owners.get(method.queue) is self.session:
-            self.deletes.append((method.queue, method.nowait))
+        if self.session.pool.owners.get(queue) is self.session:
+            self.deletes.append((queue, method.nowait))
             return methods.delete_answered(frame) if method.nowait else frame
         if not method.nowait:
             self.deletes.append((None, False))
         return frame
 
-    def _track_consumer(self, method: commands.Basic.Consume) -> None:
-        tag = method.consumer_tag
-        if not tag:
-            return  # the broker makes one up; ConsumeOk tells us
-        if tag in self.consumer_tags:
+    def _track_consumer(self, queue: str, method: commands.Basic.Consume) -> None:
+        tag: str | None = method.consumer_tag
+        if queue == DIRECT_REPLY_QUEUE:
+            tag = None  # RabbitMQ keeps the reply consumer apart from the others
+        elif tag in self.consumer_tags:
             raise ConnectionException(
                 ReplyCode.NOT_ALLOWED,
                 f"attempt to reuse consumer tag '{tag}'",
                 *methods.ids(commands.Basic.Consume),
             )
-        self.consumer_tags.add(tag)
+        elif tag:
+            self.consumer_tags.add(tag)
 
-    def _check_queue_owner(self, method: methods.Method) -> None:
-        owner = self.session.pool.owners.get(method.queue)
+    def _check_queue_owner(self, queue: str, method: methods.Method) -> None:
+        owner = self.session.pool.owners.get(queue)
         if owner is not None and owner is not self.session:
             class_id, method_id = methods.ids(type(method))
             raise ChannelException(
                 ReplyCode.RESOURCE_LOCKED,
-                f"cannot obtain exclusive access to locked queue '{method.queue}' "
+                f"cannot obtain exclusive access to locked queue '{queue}' "
                 f"in vhost '{self.session.vhost}'. It could be originally declared "
                 "on another connection or the exclusive property value does not "
                 "match that of the original declaration.",
@@ -429,7 +517,7 @@ class ClientChannel:
 
     def _send(self, frame: bytes) -> None:
         slot = self.slot
-        if slot is None:
+        if slot is None or self.held_for is not None:
             self._hold((frame,))
             return
         upstream = slot.upstream
@@ -440,7 +528,8 @@ class ClientChannel:
             upstream.stall(self.session)
 
     def _hold(self, frames: typing.Sequence) -> None:
-        """Keep `frames` until an upstream channel is found (bind); past
+        """Keep `frames` until an upstream channel is found (bind), or the
+        ConsumeOk a held Cancel waits for comes (held_for); past
         PENDING_LIMIT the client is not read meanwhile, as it would not be
         read by a broker that stopped taking its frames."""
         self.pending.extend(frames)
@@ -453,7 +542,7 @@ class ClientChannel:
         content, self.content = self.content, []
         self.expect = _EXPECT_METHOD
         slot = self.slot
-        if slot is None:
+        if slot is None or self.held_for is not None:
             self._hold(content)
             return
         upstream = slot.upstream
@@ -492,7 +581,7 @@ class ClientChannel:
         self.content = []
         self.expect = _EXPECT_METHOD
         slot = self.slot
-        if slot is None and self.pending:
+        if self.pending and (slot is None or self.held_for is not None):
             # What it sent while it waited reaches the broker first, as it
             # would have directly; the broker's CloseOk answers the client.
             self.held_close = frame
@@ -545,6 +634,8 @@ class ClientChannel:
         if slot is None:
             self.session.pool.stop_waiting(self)  # it gets none now
         else:
+            if self.held_for is not None:
+                self._unhold(slot)
             slot.close()
 
     # -- broker to client -------------------------------------------------------
@@ -569,6 +660,8 @@ class ClientChannel:
                 declared = self.declares.popleft()
                 if declared != _SHARED:
                     queue = methods.decode(frame).queue
+                    if self.declared == "" and not self.declares:
+                        self.declared = queue  # the broker named it
                     session.pool.own(queue, session, self.slot.upstream)
                     if declared == _OWNED_QUIETLY:
                         return  # the client asked for no answer
@@ -581,7 +674,19 @@ class ClientChannel:
             elif index in DELIVERIES:
                 session.worker.stats.messages_delivered += 1
             elif index == _BASIC_CONSUME_OK:
-                self.consumer_tags.add(methods.decode(frame).consumer_tag)
+                # Only a tag the broker made up is new here: a tag the client
+                # chose is in consumer_tags already, or was cancelled since.
+                if self.consumes and self.consumes.popleft() == "":
+                    self.consumer_tags.add(methods.decode(frame).consumer_tag)
+                if self.held_for is not None and self.held_for not in self.consumes:
+                    session.write(rewrite_channel(frame, self.cid_bytes))
+                    if self._flush(self.slot):
+                        self._send_held_close(self.slot)
+                    return
+            elif index == _CHANNEL_CLOSE and self.held_for is not None:
+                # The broker takes nothing but Close and CloseOk now.
+                self._unhold(self.slot)
+                self._send_held_close(self.slot)
             elif index == _BASIC_CANCEL:
                 self.consumer_tags.discard(methods.decode(frame).consumer_tag)
                 if not session.cancel_notify:
@@ -611,12 +716,19 @@ class ClientChannel:
         if slot is None:
             self.session.pool.stop_waiting(self)
             return
+        if self.held_for is not None:
+            self._unhold(slot)
         if self._reusable(slot):
             slot.recycle(self.unsettled, self.largest_body)
         else:
             # A DeclareOk still on its way names a queue of the client's
             # (rule 7), for the upstream channel to delete now that it left.
             slot.close(owned_declares=[declared != _SHARED for declared in self.declares])
+
+
+def _consume_entry(method: commands.Basic.Consume) -> str | None:
+    """What `consumes` keeps of a Basic.Consume sent to the broker."""
+    return None if method.queue == DIRECT_REPLY_QUEUE else method.consumer_tag
 
 
 def _too_big(size: int, limit: int) -> ChannelException:

@@ -30,12 +30,12 @@ _TOPOLOGY = (
     commands.Queue.Delete,
     commands.Queue.Unbind,
 )
-# Methods a client may send on a channel other than 0.
+# Methods a client may send on a channel other than 0 (FlowOk answers a Flow
+# RabbitMQ never sends: it is the broker's 503).
 CLIENT_METHODS = frozenset(
     (
         *_TOPOLOGY,
         commands.Channel.Flow,
-        commands.Channel.FlowOk,
         commands.Basic.Qos,
         commands.Basic.Consume,
         commands.Basic.Cancel,
@@ -52,9 +52,9 @@ CLIENT_METHODS = frozenset(
     )
 )
 # Methods after which a channel is as it was opened: its client may leave it
-# for the next one (with Basic.Get only when no_ack, and Publish only when
-# not mandatory: see client_channel).
-STATELESS_METHODS = frozenset(m.index for m in (*_TOPOLOGY, commands.Basic.Get))
+# for the next one (and Publish when not mandatory: see client_channel). Not
+# Basic.Get, even no_ack: the next client's delivery tags would not start at 1.
+STATELESS_METHODS = frozenset(m.index for m in _TOPOLOGY)
 # RabbitMQ's built-in exchange types; a plugin's types are added by config.
 EXCHANGE_TYPES = frozenset(("direct", "fanout", "topic", "headers"))
 
@@ -75,7 +75,8 @@ _CC, _BCC = b"\x02CC", b"\x03BCC"
 # check takes the form the broker gives out; the few others it also takes
 # (a NEW_PID_EXT with a short tail, base64 with whitespace) only a forged
 # key has, and they are refused with the rest.
-_DIRECT_REPLY = b"amq.rabbitmq.reply-to."
+DIRECT_REPLY_QUEUE = "amq.rabbitmq.reply-to"
+_DIRECT_REPLY = DIRECT_REPLY_QUEUE.encode() + b"."
 _PID_TAIL = {88: 12, 103: 9}  # NEW_PID_EXT, PID_EXT: the octets after the node
 _ATOM_LENGTH = {118: 2, 119: 1}  # ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT: length octets
 _HASHED_NODE = re.compile(rb"[^@]+@[0-9]+")

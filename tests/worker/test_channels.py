@@ -483,6 +483,117 @@ def test_a_channel_its_client_left_clean_is_closed_at_once_and_reused(
     assert ready_count(queue_name) == 1 + len(channels)
 
 
+def leave_a_recycled_channel(daemon, relay: Relay, user, requests: list) -> None:
+    """A client sends `requests` on a channel (each answered) and closes it
+    clean; returns once the probe has made that upstream channel idle again."""
+    mark = relay.mark()
+    with RawClient(daemon.port) as a:
+        a.handshake(user.name, user.password)
+        a.open_channel(1)
+        for request in requests:
+            a.method(1, request)
+            a.read_method()
+        a.method(1, commands.Channel.Close(**close_method()))
+        a.expect(commands.Channel.CloseOk)
+    wait_until(
+        lambda: any(
+            f.seq > mark and isinstance(f.method, commands.Basic.RecoverOk)
+            for conn in amqp_connections(relay)
+            for f in conn.frames(DOWN)
+        ),
+        what="the probe's RecoverOk",
+    )
+
+
+# More than the pool's idle set: the recycled channel is among them.
+TAKEN = range(1, 9)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        commands.Basic.Get(queue=""),
+        commands.Queue.Purge(queue=""),
+        commands.Queue.Delete(queue=""),
+        commands.Queue.Bind(queue="", exchange="amq.fanout"),
+        commands.Basic.Consume(queue=""),
+    ],
+    ids=lambda method: method.name,
+)
+def test_an_empty_queue_name_never_means_the_queue_a_previous_client_declared(
+    fresh_amqplexd, relay, user, filled_queue, request_
+):
+    """RabbitMQ takes an empty queue name for the channel's last declared
+    queue; an upstream channel remembers the previous client's."""
+    queue, bodies = filled_queue
+    daemon = fresh_amqplexd(upstream=relay.url)
+    pika.BlockingConnection(proxy_params(daemon.port, user)).close()
+    wait_pool_warm(relay)
+    leave_a_recycled_channel(
+        daemon, relay, user, [commands.Queue.Declare(queue=queue, passive=True)]
+    )
+    with RawClient(daemon.port) as b:
+        b.handshake(user.name, user.password)
+        for channel in TAKEN:
+            b.open_channel(channel)
+            b.method(channel, request_)
+            got, close = b.read_method()
+            assert got == channel and isinstance(close, commands.Channel.Close), close
+            assert (close.reply_code, close.reply_text) == (
+                404,
+                "NOT_FOUND - no previously declared queue",
+            )
+            assert (close.class_id << 16) + close.method_id == request_.index
+            b.method(channel, commands.Channel.CloseOk())
+        # Its own declare is what an empty name means to it.
+        b.open_channel(20)
+        b.method(20, commands.Queue.Declare(queue=queue, passive=True))
+        b.expect(commands.Queue.DeclareOk)
+        b.method(20, commands.Basic.Get(queue="", no_ack=True))
+        b.expect(commands.Basic.GetOk)
+    assert ready_count(queue) == len(bodies) - 1
+
+
+def test_a_channel_that_got_messages_is_not_handed_on(fresh_amqplexd, relay, user, filled_queue):
+    """A no-ack Basic.Get moves the channel's delivery tags on: the next
+    client's first delivery must still be tag 1, as on a new channel."""
+    queue, _ = filled_queue
+    daemon = fresh_amqplexd(upstream=relay.url)
+    pika.BlockingConnection(proxy_params(daemon.port, user)).close()
+    wait_pool_warm(relay)
+    mark = relay.mark()
+    with RawClient(daemon.port) as a:
+        a.handshake(user.name, user.password)
+        a.open_channel(1)
+        for _ in range(2):
+            a.method(1, commands.Basic.Get(queue=queue, no_ack=True))
+            a.expect(commands.Basic.GetOk)
+            a.read_frame()  # its header
+            a.read_frame()  # its body
+        a.method(1, commands.Channel.Close(**close_method()))
+        a.expect(commands.Channel.CloseOk)
+    refill = pika.BlockingConnection(broker_params())
+    for _ in TAKEN:
+        refill.channel().basic_publish("", queue, b"more")
+    refill.close()
+    with RawClient(daemon.port) as b:
+        b.handshake(user.name, user.password)
+        for channel in TAKEN:
+            b.open_channel(channel)
+            b.method(channel, commands.Basic.Get(queue=queue))
+            _, get_ok = b.expect(commands.Basic.GetOk)
+            assert get_ok.delivery_tag == 1, f"channel {channel}"
+            b.read_frame()
+            b.read_frame()
+    closed = [
+        f
+        for conn in amqp_connections(relay)
+        for f in conn.frames(UP)
+        if f.seq > mark and isinstance(f.method, commands.Channel.Close)
+    ]
+    assert closed, "A's channel was not closed at the broker"
+
+
 def test_a_channel_with_state_is_closed_at_the_broker(fresh_amqplexd, relay, user):
     daemon = fresh_amqplexd(upstream=relay.url)
     pika.BlockingConnection(proxy_params(daemon.port, user)).close()

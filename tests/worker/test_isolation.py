@@ -208,6 +208,8 @@ CASES = [
         ),
     ),
     Case("recover-without-requeue", lambda c: method_frame(1, commands.Basic.Recover(False))),
+    # RabbitMQ never sends Channel.Flow, and has no answer to its FlowOk.
+    Case("channel-flow-ok", lambda c: method_frame(1, commands.Channel.FlowOk(active=True))),
     Case(
         "method-with-trailing-bytes",
         lambda c: with_extra_byte(declare(1)),
@@ -434,6 +436,82 @@ def test_a_field_table_the_broker_cannot_parse_never_reaches_it(amqplexd, shared
         client.send(send())
         close = client.expect_connection_close(ANSWER_TIMEOUT)
     assert close.reply_code == code
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def replies(port: int, user, batches: list[list]) -> list[str]:
+    """Each batch of channel 1 requests sent in one write, then as many
+    answers read: the names of all the answers, up to a Connection.Close."""
+    names = []
+    with connect(port, user) as client:
+        for batch in batches:
+            client.send(b"".join(method_frame(1, request) for request in batch))
+            for _ in batch:
+                _, answer = client.read_method(ANSWER_TIMEOUT)
+                names.append(answer.name)
+                if isinstance(answer, commands.Connection.Close):
+                    return names
+    return names
+
+
+def test_a_cancel_sent_before_its_consume_ok_waits_for_it(amqplexd, shared):
+    """RabbitMQ 3.10's channel crashes when a Cancel overtakes its
+    consumer's ConsumeOk (541 INTERNAL_ERROR for the whole connection, the
+    shared upstream here): the proxy holds the Cancel, and what follows
+    it, until the ConsumeOk has come. The tag is free again after."""
+    batches = [
+        [commands.Queue.Declare(queue="", exclusive=True)],
+        [
+            commands.Basic.Consume(queue="", consumer_tag="again"),
+            commands.Basic.Cancel(consumer_tag="again"),
+            commands.Basic.Qos(prefetch_count=5),
+        ],
+        [commands.Basic.Consume(queue="", consumer_tag="again")],
+    ]
+    names = replies(amqplexd.port, shared.user, batches)
+    # The broker answers the Qos itself and the Cancel once its queue has:
+    # QosOk comes first, as it does directly.
+    assert names == [
+        "Queue.DeclareOk",
+        "Basic.ConsumeOk",
+        "Basic.QosOk",
+        "Basic.CancelOk",
+        "Basic.ConsumeOk",
+    ]
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def test_a_channel_close_behind_a_held_cancel_goes_after_it(amqplexd, shared):
+    """The broker answers a Cancel and a Close sent together with CloseOk
+    alone (the channel ends before its queue answers the Cancel)."""
+    with connect(amqplexd.port, shared.user) as client:
+        client.method(1, commands.Queue.Declare(queue="", exclusive=True))
+        client.expect(commands.Queue.DeclareOk)
+        client.send(
+            method_frame(1, commands.Basic.Consume(queue="", consumer_tag="c"))
+            + method_frame(1, commands.Basic.Cancel(consumer_tag="c"))
+            + method_frame(1, commands.Channel.Close(200, "bye", 0, 0))
+        )
+        client.expect(commands.Basic.ConsumeOk, ANSWER_TIMEOUT)
+        client.expect(commands.Channel.CloseOk, ANSWER_TIMEOUT)
+        client.open_channel(1)  # the id is free again
+    shared.canary.wait_round_trips(5)
+    assert upstream_names(shared.user) == shared.names
+
+
+def test_a_tag_only_the_direct_reply_to_consumer_has_is_no_reuse(amqplexd, shared):
+    """The proxy refuses a live tag itself (the broker's 530 would close the
+    upstream), but RabbitMQ keeps the reply consumer apart from the others."""
+    batches = [
+        [commands.Basic.Consume(queue="amq.rabbitmq.reply-to", consumer_tag="r", no_ack=True)],
+        [commands.Queue.Declare(queue="", exclusive=True)],
+        [commands.Basic.Consume(queue="", consumer_tag="r")],
+    ]
+    direct = replies(broker.BROKER_PORT, shared.user, batches)
+    assert direct[-1] == "Basic.ConsumeOk", direct
+    assert replies(amqplexd.port, shared.user, batches) == direct
     shared.canary.wait_round_trips(5)
     assert upstream_names(shared.user) == shared.names
 
