@@ -55,6 +55,8 @@ class WorkerProcess:
     started: float
     seat: Seat | None
     draining: bool = False
+    # When a draining worker is killed if it has not exited (monotonic).
+    kill_at: float | None = None
 
 
 class Arbiter:
@@ -96,6 +98,7 @@ class Arbiter:
                     return exit_code
                 continue
             self.maintain_workers()
+            self._kill_overdue()
             self._sleep(max(0.05, min(1.0, self._next_spawn - time.monotonic())))
 
     def start(self) -> None:
@@ -257,7 +260,26 @@ class Arbiter:
 
     def _drain(self, worker: WorkerProcess) -> None:
         worker.draining = True
+        worker.kill_at = time.monotonic() + self._drain_grace()
         self._kill(worker.pid, signal.SIGTERM)
+
+    def _drain_grace(self) -> float:
+        """A worker's drain (Worker.drain): clients up to drain_timeout, their
+        Close up to close_timeout, the upstreams' Close as long again; then
+        KILL_GRACE before SIGKILL."""
+        return self.config.drain_timeout + 2 * self.config.client.close_timeout + KILL_GRACE
+
+    def _kill_overdue(self) -> None:
+        """Workers replaced (HUP) or removed (TTOU) that outlived their drain
+        get what gunicorn's graceful_timeout gives them."""
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now >= worker.kill_at:
+                worker.kill_at = None
+                log.warning(
+                    "worker %d (pid %d) did not stop in time; killing it", worker.slot, worker.pid
+                )
+                self._kill(worker.pid, signal.SIGKILL)
 
     def _kill(self, pid: int, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -368,7 +390,7 @@ class Arbiter:
         self._failures, self._next_spawn = 0, 0.0
         self.maintain_workers()
         for worker in old_workers:
-            self._kill(worker.pid, signal.SIGTERM)
+            self._drain(worker)
         self._set_title()
         notify("READY=1")
 
@@ -401,13 +423,7 @@ class Arbiter:
         for worker in list(self.workers.values()):
             worker.draining = True
             self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
-        # A worker's drain (Worker.drain): clients up to drain_timeout, their
-        # Close up to close_timeout, the upstreams' Close as long again.
-        grace = (
-            self.config.drain_timeout + 2 * self.config.client.close_timeout + KILL_GRACE
-            if graceful
-            else KILL_GRACE
-        )
+        grace = self._drain_grace() if graceful else KILL_GRACE
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
             self._sleep(min(0.2, max(0.01, deadline - time.monotonic())))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import typing
@@ -37,6 +38,10 @@ _DEFAULT_CHANNEL_MAX = 2047
 # Distinct handshake frames kept decoded: a few per client library and login.
 HANDSHAKE_CACHE_SIZE = 256
 SHUTDOWN_TEXT = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+# How often a worker checks that its master is still there (gunicorn's
+# workers do the same): orphaned, it drains and exits instead of serving on
+# with nobody to restart, reload or stop it.
+MASTER_CHECK_INTERVAL = 1.0
 _FALLBACK_SERVER_PROPERTIES = {
     "product": "amqplex",
     "capabilities": {
@@ -161,7 +166,9 @@ class Worker:
             self.pools.sweep(self.loop.time())
 
     async def serve(self, listener: socket.socket, seat: Seat | None) -> None:
-        """Serve until TERM/INT (drain, then exit) or QUIT (exit now)."""
+        """Serve until TERM/INT (drain, then exit), QUIT (exit now) or the
+        master's end (drain, then exit)."""
+        master = os.getppid()
         await self.start(listener, seat)
         stop = self.loop.create_future()
         quit_now = self.loop.create_future()
@@ -178,6 +185,7 @@ class Worker:
             (signal.SIGQUIT, False),
         ):
             self.loop.add_signal_handler(signum, stopping, graceful)
+        self.spawn(self._watch_master(master, stopping))
         if await stop:
             setproctitle(f"amqplexd: worker {self.slot} (draining)")
             draining = self.loop.create_task(self.drain(self.config.drain_timeout))
@@ -190,6 +198,12 @@ class Worker:
             # The last second's counters too (the drain's 320s, the last
             # sessions' bytes): the exporter would next run after the exit.
             self.exporter.flush()
+
+    async def _watch_master(self, master: int, stopping: typing.Callable[[bool], None]) -> None:
+        while os.getppid() == master:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+        log.warning("master %d is gone: draining", master)
+        stopping(True)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting; give clients `timeout` to leave, then close them

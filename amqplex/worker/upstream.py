@@ -193,7 +193,7 @@ class Upstream(asyncio.BufferedProtocol):
         broker_channel_max = tune.channel_max or 65535
         self.channel_max = min(broker_channel_max, max_channels)
         self.frame_max = tune.frame_max or _HANDSHAKE_FRAME_MAX
-        self.heartbeat = _negotiate(tune.heartbeat, config.heartbeat)
+        self.heartbeat = negotiate_heartbeat(tune.heartbeat, config.heartbeat)
         self._send(
             commands.Connection.TuneOk(
                 channel_max=self.channel_max,
@@ -487,10 +487,12 @@ class Upstream(asyncio.BufferedProtocol):
         self.pool.upstream_lost(self, self.close_reason, expected=self.closed_on_purpose)
 
 
-def _negotiate(broker: int, ours: int) -> int:
-    """The smaller non-zero heartbeat; zero only if both sides want none."""
-    if broker == 0 or ours == 0:
-        return broker or ours
+def negotiate_heartbeat(broker: int, ours: int) -> int:
+    """What TuneOk says: none if upstream.heartbeat is 0 (the client's
+    TuneOk value is the one RabbitMQ uses), else the smaller of the two
+    that are non-zero."""
+    if ours == 0 or broker == 0:
+        return ours
     return min(broker, ours)
 
 

@@ -340,6 +340,43 @@ def test_quit_during_a_drain_exits_at_once(fresh_amqplexd):
         connection.close()
 
 
+def test_workers_whose_master_died_drain_and_exit(fresh_amqplexd):
+    """A master killed outright (OOM, SIGKILL) must not leave workers
+    serving with nobody to restart, reload or stop them."""
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_DRAIN_TIMEOUT": "1"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    (worker,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait(5)
+    try:
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+            connection.process_data_events(time_limit=10)
+            connection.process_data_events(time_limit=10)
+        assert closed.value.reply_code == 320
+        wait_until(lambda: not os.path.exists(f"/proc/{worker}"), what="the worker's exit")
+        assert "is gone: draining" in daemon.log_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)  # nobody else would
+
+
+def test_a_replaced_worker_that_will_not_finish_is_killed_after_its_drain(fresh_amqplexd):
+    daemon = fresh_amqplexd(
+        "-w", "1", env={"AMQP_DRAIN_TIMEOUT": "0.5", "AMQP_CLIENT_CLOSE_TIMEOUT": "0.5"}
+    )
+    (old,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    os.kill(old, signal.SIGSTOP)  # hung: it will never act on the TERM
+    try:
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        wait_until(lambda: set(serving_workers(daemon.process.pid)) - {old}, what="a new worker")
+        # 0.5 + 2 x 0.5 + KILL_GRACE (5 s), with room for a loaded host.
+        wait_until(lambda: old not in workers(daemon.process.pid), timeout=15, what="the kill")
+        assert "did not stop in time; killing it" in daemon.log_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+
+
 def test_ttin_adds_and_ttou_removes_a_worker(fresh_amqplexd):
     daemon = fresh_amqplexd("-w", "1")
     wait_until(lambda: len(serving_workers(daemon.process.pid)) == 1)

@@ -31,7 +31,14 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
 def connections(user: str | None = None) -> list[dict]:
     """The broker's connection list, optionally only one user's."""
     out = rabbitmqctl(
-        "list_connections", "--formatter", "json", "name", "user", "vhost", "client_properties"
+        "list_connections",
+        "--formatter",
+        "json",
+        "name",
+        "user",
+        "vhost",
+        "client_properties",
+        "timeout",
     )
     rows = json.loads(out or "[]")
     return [row for row in rows if user is None or row["user"] == user]

@@ -1,16 +1,20 @@
-"""Reading from the broker (amqplex/worker/upstream.py): upstream.read_gather
-lets a stream of small deliveries gather between reads, for read_gather at
-most, and never holds the read that finds the stream."""
+"""The connection to the broker (amqplex/worker/upstream.py): the heartbeat
+it asks for, and upstream.read_gather, which lets a stream of small
+deliveries gather between reads, for read_gather at most, and never holds
+the read that finds the stream."""
 
 from __future__ import annotations
 
 import time
 
 import pika
+import pytest
 from pamqp import commands
 
-from tests.conftest import broker_params
+from tests.conftest import broker_params, proxy_params
+from tests.support import broker
 from tests.support.rawclient import RawClient
+from tests.support.waiting import wait_until
 
 GATHER = 0.1  # the longest upstream.read_gather takes: seen from the client
 
@@ -69,3 +73,13 @@ def test_a_trickle_is_held_no_longer_than_read_gather(fresh_amqplexd, user, queu
     held = held_deliveries(daemon, user, queue_name, [GATHER / 5] * 30)
     assert max(held) < GATHER + 0.1, f"held up to {max(held):.3f} s"
     assert max(held) > GATHER / 2, "no read waited"
+
+
+@pytest.mark.parametrize(("setting", "timeout"), [("0", 0), ("7", 7)])
+def test_the_upstream_heartbeat_is_the_one_configured(fresh_amqplexd, user, setting, timeout):
+    """The broker uses what TuneOk asks for: 0 turns heartbeats off, as the
+    setting says, rather than taking the broker's 60."""
+    daemon = fresh_amqplexd(env={"AMQP_UPSTREAM_HEARTBEAT": setting})
+    pika.BlockingConnection(proxy_params(daemon.port, user)).close()
+    (row,) = wait_until(lambda: broker.proxy_connections(user.name), what="the upstream")
+    assert row["timeout"] == timeout
