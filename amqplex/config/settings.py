@@ -13,6 +13,11 @@ import urllib.parse
 
 from amqplex.protocol.constants import MAX_MESSAGE_SIZE
 
+# Over the long run, the share of the time one client's falling behind may
+# hold its upstreams back (ClientSession.pause_writing): the others on them
+# keep at least the rest.
+STALL_SHARE = 0.1
+
 
 def setting(default, help: str, *, minimum=None, maximum=None, choices=None, secret=False):
     """A dataclass field with its documentation and bounds."""
@@ -151,7 +156,8 @@ class ClientConfig:
     stall_timeout: float = setting(
         2.0,
         "how long (s) one client that does not read may hold its upstream back before it "
-        "is closed with 320 so the other clients on that upstream go on",
+        "is closed with 320 so the other clients on that upstream go on (spent while it "
+        f"holds them, earned back at {STALL_SHARE:.0%} of the time since)",
         minimum=0.05,
     )
     close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)

@@ -19,6 +19,7 @@ import typing
 from pamqp import commands
 
 from amqplex import logs
+from amqplex.config.settings import STALL_SHARE
 from amqplex.protocol import methods
 from amqplex.protocol.auth import Credentials, parse_response
 from amqplex.protocol.constants import (
@@ -100,6 +101,8 @@ class ClientSession(asyncio.Protocol):
         "_logged_in",
         "_holding",
         "_stall_timer",
+        "_stall_left",
+        "_stall_mark",
         "_header",
         "peer",
         "started",
@@ -143,6 +146,11 @@ class ClientSession(asyncio.Protocol):
         # Upstreams not reading while this client catches up, and the bound on it.
         self._holding: set[Upstream] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
+        # How much longer it may hold them (s), and when that was reckoned:
+        # the budget is client.stall_timeout, spent while holding and earned
+        # back at STALL_SHARE of the time since.
+        self._stall_left = self.config.stall_timeout
+        self._stall_mark = 0.0
         # The protocol header's bytes, while it arrives in pieces.
         self._header = b""
         self.peer = ""
@@ -200,19 +208,30 @@ class ClientSession(asyncio.Protocol):
     def pause_writing(self) -> None:
         """The client fell behind (client.max_output_buffer queued): the
         upstreams carrying its channels stop reading, as TCP would slow the
-        broker for it directly, but for client.stall_timeout at most; a
-        client still behind then is cut loose, so the others on those
-        upstreams go on (DESIGN rule 9)."""
+        broker for it directly, but for client.stall_timeout at most, and
+        over the long run for STALL_SHARE of the time at most; a client
+        still behind then is cut loose, so the others on those upstreams go
+        on (DESIGN rule 9). Without the share, a client that reads just
+        fast enough to catch up within stall_timeout each time would hold
+        them back most of the time, for ever."""
         if self.state in (State.CLOSING, State.CLOSED):
             self._abort()
             return
+        now = self.loop.time()
+        earned = (now - self._stall_mark) * STALL_SHARE
+        self._stall_left = min(self.config.stall_timeout, self._stall_left + earned)
+        self._stall_mark = now
         for channel in self.channels.values():
             if channel.slot is not None and channel.slot.upstream not in self._holding:
                 self._holding.add(channel.slot.upstream)
                 channel.slot.upstream.hold_reading(self)
-        self._stall_timer = self.loop.call_later(self.config.stall_timeout, self._stalled)
+        self._stall_timer = self.loop.call_later(self._stall_left, self._stalled)
 
     def resume_writing(self) -> None:
+        if self._stall_timer is not None:
+            now = self.loop.time()
+            self._stall_left = max(0.0, self._stall_left - (now - self._stall_mark))
+            self._stall_mark = now
         self._release_upstreams()
 
     def _release_upstreams(self) -> None:
@@ -226,7 +245,8 @@ class ClientSession(asyncio.Protocol):
     def _stalled(self) -> None:
         self._stall_timer = None
         log.info(
-            "client not reading: %d bytes queued for %.1f s; closing it",
+            "client not reading: %d bytes queued, its upstreams held back past "
+            "client.stall_timeout (%.1f s); closing it",
             self.writer.buffered(),
             self.config.stall_timeout,
         )

@@ -219,11 +219,11 @@ def test_wrong_credentials_never_grow_the_pools(fresh_amqplexd, user):
     assert metrics["amqplex_upstream_connections"] == 0
 
 
-def slow_consumer(port: int, user, queue: str) -> RawClient:
-    """A no-ack consumer of `queue` with a tiny receive buffer, that reads
+def slow_consumer(port: int, user, queue: str, receive_buffer: int = 4096) -> RawClient:
+    """A no-ack consumer of `queue` with a small receive buffer, that reads
     nothing unless told to."""
     slow = RawClient(port)
-    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     slow.handshake(user.name, user.password)
     slow.open_channel(1)
     slow.method(1, commands.Queue.Declare(queue=queue))
@@ -264,6 +264,51 @@ def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
         assert resident_mb(pid) < 120, f"worker {pid} grew to {resident_mb(pid):.0f} MB"
     assert slow.read_eof(timeout=15)
     slow.close()
+
+
+def test_a_client_that_reads_slower_than_its_deliveries_come_is_cut_in_time(
+    fresh_amqplexd, user, queue_name
+):
+    """It catches up within client.stall_timeout every time, but holds its
+    upstream back most of the time: past its share (STALL_SHARE) it is cut,
+    as one that stops reading is."""
+    daemon = fresh_amqplexd(
+        env={
+            "AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576",
+            "AMQP_CLIENT_STALL_TIMEOUT": "2",
+            "AMQP_CLIENT_CLOSE_TIMEOUT": "0.5",  # the socket's end follows the 320 soon
+        }
+    )
+    slow = slow_consumer(daemon.port, user, queue_name, receive_buffer=65536)
+    publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
+    channel = publisher.channel()
+    for _ in range(512):  # 32 MB: more than it reads in the test's time
+        channel.basic_publish("", queue_name, b"x" * 65536)
+    publisher.close()
+    # About 4 MB/s: what is queued for it (a read from the broker or two
+    # past the 1 MB limit) down to the low mark (uvloop's quarter) within
+    # the two seconds stall_timeout allows, every time.
+    started = time.monotonic()
+    cut = False
+    while not cut and time.monotonic() - started < 20:
+        deadline = time.monotonic() + 0.25
+        taken = 0
+        while taken < 1024 * 1024 and not cut:
+            slow.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = slow.sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionError:
+                data = b""
+            cut = not data
+            taken += len(data)
+        time.sleep(max(0.0, deadline - time.monotonic()))  # paces the reader
+    slow.close()
+    assert cut, "a client holding its upstream back most of the time was never cut"
+    assert wait_until(
+        lambda: scrape(daemon.status_port).get("amqplex_slow_client_disconnects_total", 0) >= 1
+    )
 
 
 def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
