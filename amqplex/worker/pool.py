@@ -309,6 +309,15 @@ class Pool:
                 channel.bind(upstream.open_channel(), answer_open=True)
             self._ready_one(upstream)
             return
+        if self._reconnect is not None:
+            # The broker went away and the pool waits to redial it (rule 8):
+            # what a client arriving now gets at StartOk, without a dial of
+            # its own, which would skip the backoff.
+            channel.session.force_close(
+                ReplyCode.CONNECTION_FORCED,
+                f"CONNECTION_FORCED - upstream unavailable: {self.unavailable}",
+            )
+            return
         timeout = self.config.pool.acquire_timeout
         self.waiting[channel] = self.worker.loop.call_later(timeout, self._waited_too_long, channel)
         if self._may_dial():

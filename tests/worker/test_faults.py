@@ -176,6 +176,27 @@ def test_clients_arriving_while_the_broker_is_away_do_not_dial_it_each(through_r
     wait_until(lambda: can_connect(through_relay.port), timeout=20)
 
 
+def test_clients_left_without_channels_by_an_outage_do_not_dial_it_each(through_relay, relay):
+    """Connected before the broker went away, with no channel on the lost
+    upstream (so no 320 then): each Channel.Open meanwhile gets the 320 a
+    new client gets, not a dial of its own past the backoff."""
+    assert can_connect(through_relay.port)
+    clients = [RawClient(through_relay.port) for _ in range(10)]
+    for client in clients:
+        client.handshake()
+    relay.refuse()
+    relay.sever()
+    dials_before = len(relay.connections)
+    for client in clients:  # one after another: one dial would answer them all
+        started = time.monotonic()
+        client.method(1, commands.Channel.Open())
+        expect_forced_close([client], "upstream unavailable", started, within=3)
+    # Ten in well under the 0.5 + 1 s of the first two backoffs.
+    assert len(relay.connections) - dials_before <= 2
+    relay.refuse(False)
+    wait_until(lambda: can_connect(through_relay.port), timeout=20)
+
+
 def test_an_upstream_dropped_as_soon_as_it_opens_is_redialled_with_growing_delays(
     through_relay, relay
 ):
