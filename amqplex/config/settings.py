@@ -157,7 +157,7 @@ class ClientConfig:
         2.0,
         "how long (s) one client that does not read may hold its upstream back before it "
         "is closed with 320 so the other clients on that upstream go on (spent while it "
-        f"holds them, earned back at {STALL_SHARE:.0%} of the time since)",
+        f"holds others back, earned back at {STALL_SHARE:.0%} of the time since)",
         minimum=0.05,
     )
     close_timeout: float = setting(5.0, "how long (s) a Close waits for its CloseOk", minimum=0.1)

@@ -258,9 +258,11 @@ class Arbiter:
     def _signal_numbers(self) -> set[int]:
         return {getattr(signal, f"SIG{name}") for name in self.SIGNALS}
 
-    def _drain(self, worker: WorkerProcess) -> None:
+    def _drain(self, worker: WorkerProcess, grace: float | None = None) -> None:
+        """TERM it, and SIGKILL it if it outlives `grace` (by default its
+        drain's under the running configuration)."""
         worker.draining = True
-        worker.kill_at = time.monotonic() + self._drain_grace()
+        worker.kill_at = time.monotonic() + (self._drain_grace() if grace is None else grace)
         self._kill(worker.pid, signal.SIGTERM)
 
     def _drain_grace(self) -> float:
@@ -379,6 +381,8 @@ class Arbiter:
             self.status.close()
             self.status = status
         old_workers = self.active()
+        # They drain as they were configured to, not as the new ones will.
+        old_grace = self._drain_grace()
         self.config = new
         # Before the fork: the new workers log as the new configuration says.
         logs.configure(new.log.level, new.log.format)
@@ -390,7 +394,7 @@ class Arbiter:
         self._failures, self._next_spawn = 0, 0.0
         self.maintain_workers()
         for worker in old_workers:
-            self._drain(worker)
+            self._drain(worker, old_grace)
         self._set_title()
         notify("READY=1")
 

@@ -228,17 +228,28 @@ class ClientChannel:
                 if tag in consumes:
                     self.held_for, cut = tag, at
                     break
-        self.pending = pending[cut:]
         try:
             frames = self._on_upstream(pending[:cut], slot)
         except ConnectionException as error:
+            # Nothing after the frame the broker would have refused goes.
+            self._drop_held()
             self.session.fail(error)
             return False
         slot.upstream.writer.write_many(frames)
+        self.pending = pending[cut:]
         if self.pending_size > PENDING_LIMIT:
             self.session.resume_reading()
         self.pending_size = sum(map(len, self.pending))
         return True
+
+    def _drop_held(self) -> list:
+        """Empty `pending` (reading the client again if it filled it); what it held."""
+        pending, self.pending = self.pending, []
+        self.held_for = None
+        if self.pending_size > PENDING_LIMIT:
+            self.session.resume_reading()
+        self.pending_size = 0
+        return pending
 
     def _send_held_close(self, slot: UpstreamChannel) -> None:
         if self.held_close is not None and not self.pending:
@@ -248,12 +259,9 @@ class ClientChannel:
     def _unhold(self, slot: UpstreamChannel) -> None:
         """The channel closes with frames held behind a Cancel: they go now
         but for the Cancels, which the close does anyway."""
-        pending, self.pending = self.pending, []
-        self.held_for = None
-        self.pending_size = 0
         kept = [
             frame
-            for frame in pending
+            for frame in self._drop_held()
             if frame[0] != FRAME_METHOD or method_index(frame) != _BASIC_CANCEL
         ]
         # A frame too large for this upstream is dropped: the channel closes anyway.
@@ -683,10 +691,17 @@ class ClientChannel:
                     if self._flush(self.slot):
                         self._send_held_close(self.slot)
                     return
-            elif index == _CHANNEL_CLOSE and self.held_for is not None:
-                # The broker takes nothing but Close and CloseOk now.
-                self._unhold(self.slot)
-                self._send_held_close(self.slot)
+            elif index == _CHANNEL_CLOSE:
+                if self.held_for is not None:
+                    # The broker takes nothing but Close and CloseOk now: a
+                    # Close of the client's crosses its own, and is answered.
+                    self._drop_held()
+                    self._send_held_close(self.slot)
+                if session.channels.get(self.cid) is not self:
+                    # Its client left while it waited for room (held_close):
+                    # answered on the client's behalf (rule 5).
+                    self.slot.client_close_ok()
+                    return
             elif index == _BASIC_CANCEL:
                 self.consumer_tags.discard(methods.decode(frame).consumer_tag)
                 if not session.cancel_notify:

@@ -309,10 +309,11 @@ class Pool:
                 channel.bind(upstream.open_channel(), answer_open=True)
             self._ready_one(upstream)
             return
-        if self._reconnect is not None:
+        if self._reconnect is not None and self._dial is None:
             # The broker went away and the pool waits to redial it (rule 8):
             # what a client arriving now gets at StartOk, without a dial of
-            # its own, which would skip the backoff.
+            # its own, which would skip the backoff. (During the redial's
+            # dial it waits for that, as a client at StartOk does.)
             channel.session.force_close(
                 ReplyCode.CONNECTION_FORCED,
                 f"CONNECTION_FORCED - upstream unavailable: {self.unavailable}",

@@ -103,6 +103,7 @@ class ClientSession(asyncio.Protocol):
         "_stall_timer",
         "_stall_left",
         "_stall_mark",
+        "_stall_charged",
         "_header",
         "peer",
         "started",
@@ -151,6 +152,10 @@ class ClientSession(asyncio.Protocol):
         # back at STALL_SHARE of the time since.
         self._stall_left = self.config.stall_timeout
         self._stall_mark = 0.0
+        # Whether the hold under way holds another client back, and so
+        # spends the budget (alone on its upstreams, it only waits for
+        # itself, as directly: stall_timeout still bounds each time).
+        self._stall_charged = False
         # The protocol header's bytes, while it arrives in pieces.
         self._header = b""
         self.peer = ""
@@ -217,20 +222,28 @@ class ClientSession(asyncio.Protocol):
         if self.state in (State.CLOSING, State.CLOSED):
             self._abort()
             return
+        mine: dict[Upstream, int] = {}
+        for channel in self.channels.values():
+            if channel.slot is not None:
+                upstream = channel.slot.upstream
+                mine[upstream] = mine.get(upstream, 0) + 1
+        for upstream in mine:
+            if upstream not in self._holding:
+                self._holding.add(upstream)
+                upstream.hold_reading(self)
         now = self.loop.time()
         earned = (now - self._stall_mark) * STALL_SHARE
         self._stall_left = min(self.config.stall_timeout, self._stall_left + earned)
         self._stall_mark = now
-        for channel in self.channels.values():
-            if channel.slot is not None and channel.slot.upstream not in self._holding:
-                self._holding.add(channel.slot.upstream)
-                channel.slot.upstream.hold_reading(self)
-        self._stall_timer = self.loop.call_later(self._stall_left, self._stalled)
+        self._stall_charged = any(upstream.carried > count for upstream, count in mine.items())
+        limit = self._stall_left if self._stall_charged else self.config.stall_timeout
+        self._stall_timer = self.loop.call_later(limit, self._stalled)
 
     def resume_writing(self) -> None:
         if self._stall_timer is not None:
             now = self.loop.time()
-            self._stall_left = max(0.0, self._stall_left - (now - self._stall_mark))
+            if self._stall_charged:
+                self._stall_left = max(0.0, self._stall_left - (now - self._stall_mark))
             self._stall_mark = now
         self._release_upstreams()
 

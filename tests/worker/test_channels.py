@@ -23,7 +23,7 @@ from pamqp import frame as pamqp_frame
 
 from tests.conftest import broker_params, proxy_params
 from tests.support import broker
-from tests.support.rawclient import RawClient, body_frame
+from tests.support.rawclient import RawClient, body_frame, message
 from tests.support.relay import DOWN, UP, Relay, RelayConnection
 from tests.support.waiting import wait_until
 
@@ -592,6 +592,33 @@ def test_a_channel_that_got_messages_is_not_handed_on(fresh_amqplexd, relay, use
         if f.seq > mark and isinstance(f.method, commands.Channel.Close)
     ]
     assert closed, "A's channel was not closed at the broker"
+
+
+def test_a_client_stopped_by_what_it_held_behind_a_cancel_is_read_again_at_the_close(
+    fresh_amqplexd, relay, user, canary_for
+):
+    """A Cancel waits for its consumer's ConsumeOk (RabbitMQ's channel
+    crashes otherwise), and over a megabyte sent behind it stops the proxy
+    reading the client. The broker's 404 for the consume ends the wait: the
+    client's CloseOk must be read, or its channel id is never freed."""
+    daemon = fresh_amqplexd(upstream=relay.url)
+    canary = canary_for(daemon.port, user)
+    relay.delay(0.2)  # the 404 comes after all of it has been read
+    consume = commands.Basic.Consume(queue=missing_queue(), consumer_tag="c")
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.send(
+            pamqp_frame.marshal(consume, 1)
+            + pamqp_frame.marshal(commands.Basic.Cancel(consumer_tag="c"), 1)
+            + b"".join(message(1, "q", b"x" * 65536) for _ in range(24))
+        )
+        _, close = client.expect(commands.Channel.Close)
+        assert close.reply_code == 404
+        client.method(1, commands.Channel.CloseOk())
+        client.open_channel(1)  # its CloseOk was read: the id is free
+    relay.delay(0)
+    canary.wait_round_trips(5)
 
 
 def test_a_channel_with_state_is_closed_at_the_broker(fresh_amqplexd, relay, user):

@@ -197,6 +197,22 @@ def test_clients_left_without_channels_by_an_outage_do_not_dial_it_each(through_
     wait_until(lambda: can_connect(through_relay.port), timeout=20)
 
 
+def test_a_channel_opened_during_the_redials_dial_waits_for_it(through_relay, relay):
+    """Between the backoff's waits the pool is dialling: a Channel.Open then
+    waits for that dial, as a client at StartOk does, and gets the new
+    upstream."""
+    client = RawClient(through_relay.port)
+    client.handshake()
+    relay.stall()  # the redial's dial hangs until resumed
+    dials_before = len(relay.connections)
+    relay.sever()
+    wait_until(lambda: len(relay.connections) > dials_before, what="the redial's dial")
+    client.method(1, commands.Channel.Open())
+    relay.resume()
+    client.expect(commands.Channel.OpenOk)
+    client.close()
+
+
 def test_an_upstream_dropped_as_soon_as_it_opens_is_redialled_with_growing_delays(
     through_relay, relay
 ):

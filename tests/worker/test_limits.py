@@ -151,6 +151,35 @@ def test_what_a_client_sent_on_a_waiting_channel_before_closing_reaches_the_brok
         connection.close()
 
 
+def test_a_broker_close_for_a_client_that_left_while_its_channel_waited_is_answered(
+    fresh_amqplexd, user
+):
+    """What it sent while it waited goes once there is room, and here the
+    broker refuses it (404) after the client left: the proxy answers the
+    broker's Close for it (rule 5), or the upstream channel id is lost."""
+    daemon = fresh_amqplexd(env={**THREE_CHANNELS_IN_ALL, "AMQP_POOL_ACQUIRE_TIMEOUT": "30"})
+    holders = [pika.BlockingConnection(proxy_params(daemon.port, user)) for _ in range(3)]
+    for connection in holders:
+        connection.channel()
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.send(
+            frame.marshal(commands.Channel.Open(), 1)
+            + frame.marshal(commands.Basic.Get(queue="amqplex-missing-queue"), 1)
+            + frame.marshal(commands.Connection.Close(200, "done", 0, 0), 0)
+        )
+        client.expect(commands.Connection.CloseOk)
+    for connection in holders:
+        connection.close()
+    # All three ids are free again: three channels open at once.
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        for channel in (1, 2, 3):
+            client.method(channel, commands.Channel.Open())
+        for _ in range(3):
+            client.expect(commands.Channel.OpenOk, timeout=5)
+
+
 def test_a_channel_waiting_for_room_stops_reading_its_client_past_a_bound(
     fresh_amqplexd, user, queue_name
 ):
@@ -266,12 +295,14 @@ def test_a_client_that_stops_reading_is_cut_without_stalling_its_upstream(
     slow.close()
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["beside-a-canary", "alone"])
 def test_a_client_that_reads_slower_than_its_deliveries_come_is_cut_in_time(
-    fresh_amqplexd, user, queue_name
+    fresh_amqplexd, user, queue_name, canary_for, shared
 ):
     """It catches up within client.stall_timeout every time, but holds its
-    upstream back most of the time: past its share (STALL_SHARE) it is cut,
-    as one that stops reading is."""
+    upstream back most of the time: past its share (STALL_SHARE) of the
+    others' time it is cut, as one that stops reading is. Alone on its
+    upstream it holds nobody back, and reads its way through."""
     daemon = fresh_amqplexd(
         env={
             "AMQP_CLIENT_MAX_OUTPUT_BUFFER": "1048576",
@@ -280,9 +311,10 @@ def test_a_client_that_reads_slower_than_its_deliveries_come_is_cut_in_time(
         }
     )
     slow = slow_consumer(daemon.port, user, queue_name, receive_buffer=65536)
+    canary = canary_for(daemon.port, user) if shared else None
     publisher = pika.BlockingConnection(proxy_params(daemon.port, user))
     channel = publisher.channel()
-    for _ in range(512):  # 32 MB: more than it reads in the test's time
+    for _ in range(256):  # 16 MB
         channel.basic_publish("", queue_name, b"x" * 65536)
     publisher.close()
     # About 4 MB/s: what is queued for it (a read from the broker or two
@@ -290,7 +322,8 @@ def test_a_client_that_reads_slower_than_its_deliveries_come_is_cut_in_time(
     # the two seconds stall_timeout allows, every time.
     started = time.monotonic()
     cut = False
-    while not cut and time.monotonic() - started < 20:
+    read = 0
+    while not cut and read < 256 * 65536 and time.monotonic() - started < 20:
         deadline = time.monotonic() + 0.25
         taken = 0
         while taken < 1024 * 1024 and not cut:
@@ -303,12 +336,17 @@ def test_a_client_that_reads_slower_than_its_deliveries_come_is_cut_in_time(
                 data = b""
             cut = not data
             taken += len(data)
+        read += taken
         time.sleep(max(0.0, deadline - time.monotonic()))  # paces the reader
     slow.close()
+    if not shared:
+        assert not cut and read >= 256 * 65536, f"cut after {read} bytes"
+        return
     assert cut, "a client holding its upstream back most of the time was never cut"
     assert wait_until(
         lambda: scrape(daemon.status_port).get("amqplex_slow_client_disconnects_total", 0) >= 1
     )
+    canary.wait_round_trips(5, timeout=5)
 
 
 def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
