@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
 # "[SSL: CERTIFICATE_VERIFY_FAILED] ... (_ssl.c:1006)": the words in between.
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
 _SSL_NOISE = re.compile(r"^\[[^\]]*\]\s*|\s*\(_ssl\.c:\d+\)$")
 _VERIFY_MODES = {"optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 # Settings that only mean something for an amqps:// upstream.
@@ -318,6 +319,12 @@ def _load_identity(
     for certificate in certificates:
         if certificate.not_valid_after_utc < now:
             raise SettingError(cert_key, _expired(certificate))
+        if certificate.not_valid_before_utc > now:
+            # Clients refuse it as they refuse an expired one: say so now.
+            when = certificate.not_valid_before_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise SettingError(
+                cert_key, f"the certificate for {_name(certificate)} is not valid before {when}"
+            )
     if key_value:
         key_pem, key_source = read_pem(key_key, key_value), key_key
     else:
@@ -421,11 +428,24 @@ def read_pem(key: str, value: str) -> bytes:
     return data
 
 
+def holds_private_key(value: str) -> bool:
+    """Whether a setting's text is, or holds, a private key: PEM text, or
+    base64 of PEM (a certificate setting may bundle its key)."""
+    if "PRIVATE KEY" in value:
+        return True
+    try:
+        decoded = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return b"PRIVATE KEY" in decoded
+
+
 def _shown(key: str, value: str) -> str:
     """`value` as an error may show it: a path, shortened; never what may be
-    key material (a private key's setting given as base64 that did not
-    decode), of which even a part is a part of the key."""
-    if key.endswith(".key") and not os.path.isabs(value):
+    key material (base64 that did not decode, PEM text that did not parse),
+    of which even a part is a part of the key, whichever setting has it.
+    A value with a character base64 has not (a dot, say) is no base64."""
+    if _BASE64.fullmatch("".join(value.split())) or "PRIVATE KEY" in value or "\n" in value:
         return f"(a value of {len(value)} characters, not shown)"
     return repr(value if len(value) <= 80 else value[:77] + "...")
 

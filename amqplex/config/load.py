@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import tomllib
 import typing
 import urllib.parse
@@ -123,17 +124,30 @@ def validate(config: Config) -> None:
             f"got {mask_password(config.upstream.url)!r}"
         )
     try:
-        url.port  # noqa: B018 - urllib checks the port only when asked
+        port = url.port
     except ValueError:
+        port = 0
+    if port == 0 and url.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+        raise ConfigError(f"upstream.url: bad port in {mask_password(config.upstream.url)!r}")
+    if url.query:
         raise ConfigError(
-            f"upstream.url: bad port in {mask_password(config.upstream.url)!r}"
-        ) from None
+            f"upstream.url: query parameters are not read ({url.query}): "
+            "set upstream.heartbeat, upstream.connect_timeout and the tls settings instead"
+        )
+    for section in ("listen", "metrics"):
+        address = getattr(config, section).address
+        if address:
+            _check_address(f"{section}.address", address)
     if not config.metrics.port and config.listen.port == 65535:
         raise ConfigError(
             "metrics.port: listen.port is 65535, so the default (listen.port + 1) "
             "is no port; set metrics.port"
         )
-    same_address = (config.metrics.address or config.listen.address) == config.listen.address
+    metrics_address = config.metrics.address or config.listen.address
+    same_address = metrics_address == config.listen.address or _WILDCARDS & {
+        metrics_address,
+        config.listen.address,
+    }
     if same_address and config.metrics.port == config.listen.port:
         raise ConfigError(f"metrics.port: {config.metrics.port} is listen.port's too")
     try:
@@ -144,13 +158,25 @@ def validate(config: Config) -> None:
         raise ConfigError(str(error)) from None
 
 
+# Addresses that bind every interface: a port there is taken on every address.
+_WILDCARDS = frozenset(("0.0.0.0", "::"))
+
+
+def _check_address(key: str, address: str) -> None:
+    """An address this host could listen on (a literal, or a name it resolves)."""
+    try:
+        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise ConfigError(f"{key}: not an address to listen on: {address!r} ({error})") from None
+
+
 def describe(config: Config) -> str:
     """The effective configuration as YAML, with secrets masked."""
     out: dict = {}
     for key in _all_keys(config):
         target, field = _locate(config, key)
         value = getattr(target, field.name)
-        if field.metadata.get("secret") and value:
+        if (field.metadata.get("secret") or _holds_key(value)) and value:
             value = "********"
         elif isinstance(value, str) and "://" in value:
             value = mask_password(value)
@@ -160,6 +186,11 @@ def describe(config: Config) -> str:
         else:
             out[key] = value
     return yaml.safe_dump(out, sort_keys=False)
+
+
+def _holds_key(value: object) -> bool:
+    # A certificate setting may bundle its private key (tls.cert).
+    return isinstance(value, str) and tls.holds_private_key(value)
 
 
 def reference() -> str:

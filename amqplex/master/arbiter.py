@@ -427,6 +427,10 @@ class Arbiter:
         for worker in list(self.workers.values()):
             worker.draining = True
             self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+        # The workers close their copies as they stop accepting: with the
+        # master's closed too, new clients are refused at once (and go to
+        # another proxy) instead of waiting in a queue nobody serves.
+        self.listener.close()
         grace = self._drain_grace() if graceful else KILL_GRACE
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
@@ -444,7 +448,6 @@ class Arbiter:
                 "worker %d (pid %d) did not stop in time; killing it", worker.slot, worker.pid
             )
             self._kill(worker.pid, signal.SIGKILL)
-        self.listener.close()
         self.status.close()
         log.info("master %d exiting", os.getpid())
         return 0

@@ -157,7 +157,9 @@ class StatusServer:
                 (200, "text/plain", b"OK\n") if ok else (503, "text/plain", f"{reason}\n".encode())
             )
         if path == "/ready":
-            ok, reason = self._ready()
+            ok, reason = self.health.accepting()
+            if ok:
+                ok, reason = self._ready()
             return (200 if ok else 503), "text/plain", f"{reason}\n".encode()
         if path == "/metrics":
             registry = CollectorRegistry()

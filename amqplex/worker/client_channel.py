@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import struct
 import typing
 
 from pamqp import commands
@@ -96,6 +97,8 @@ _EXPECT_METHOD, _EXPECT_HEADER, _EXPECT_BODY = 0, 1, 2
 # not passive: RabbitMQ ignores `exclusive` on a passive declare); the
 # client's own, declared nowait, so the DeclareOk is the proxy's to take.
 _SHARED, _OWNED, _OWNED_QUIETLY = 0, 1, 2
+# A content header's body size, after its class and weight.
+_BODY_SIZE = struct.Struct(">Q")
 # Bytes a channel waiting for an upstream channel holds before its client
 # is no longer read (pool.acquire_timeout bounds the wait itself).
 PENDING_LIMIT = 1 << 20
@@ -323,8 +326,6 @@ class ClientChannel:
             check_header_routes(self.content[0], frame)
             if not quiet.quiet_header(frame):
                 self.unsettled = True
-            if self.body_left > self.largest_body:
-                self.largest_body = self.body_left
             self.content.append(frame)
             if self.body_left == 0:
                 self._send_content()
@@ -383,6 +384,8 @@ class ClientChannel:
             pieces, mandatory = [piece], whole_publish.mandatory(method)
             unsettled = not (quiet.quiet_method(method) and quiet.quiet_header(header))
             largest = len(frames[start + 2][2]) - FRAME_OVERHEAD
+            if largest > self.session.config.max_message_size:
+                return 0  # from_client refuses it
         if mandatory:
             self.stateful = True  # its Basic.Return may still come
         if unsettled:
@@ -549,6 +552,11 @@ class ClientChannel:
         self.session.worker.stats.messages_published += 1
         content, self.content = self.content, []
         self.expect = _EXPECT_METHOD
+        # Only a whole message counts toward what a probe proves (recycle):
+        # one announced and left unsent proves nothing.
+        size = _BODY_SIZE.unpack_from(content[1], FRAME_HEADER_SIZE + 4)[0]
+        if size > self.largest_body:
+            self.largest_body = size
         slot = self.slot
         if slot is None or self.held_for is not None:
             self._hold(content)

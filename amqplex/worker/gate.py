@@ -87,9 +87,11 @@ class Gate:
             sock = self._listener.dup()
             server = await self._listen(sock)
         except Exception:
-            log.exception("could not accept clients; trying again in %.1f s", RETRY_AFTER)
             if sock is not None:
                 sock.close()
+            if self._closed:
+                return False  # the listener went with the drain meanwhile
+            log.exception("could not accept clients; trying again in %.1f s", RETRY_AFTER)
             self._check = self._loop.call_later(RETRY_AFTER, self._resume)
             return False
         finally:
@@ -123,7 +125,9 @@ class Gate:
             self._resume()
 
     def close(self) -> None:
-        """Stop accepting for good (drain)."""
+        """Stop accepting for good (drain), and let the listener go: with every
+        process's descriptor of it closed, new clients are refused at once
+        rather than queued where nobody will take them."""
         self._closed = True
         self._stopped = False
         if self._check is not None:
@@ -132,6 +136,7 @@ class Gate:
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._listener.close()
         if self._seat is not None:
             self._seat.leave()
 

@@ -296,6 +296,15 @@ def test_bad_durations_are_refused_with_the_allowed_forms(tmp_path, written):
         ("upstream:\n  read_gather: .inf\n", "upstream.read_gather", "a finite number"),
         ("listen:\n  port: 65535\n", "metrics.port", "set metrics.port"),
         ("listen:\n  port: 6000\nmetrics:\n  port: 6000\n", "metrics.port", "listen.port"),
+        (
+            "listen:\n  port: 6000\nmetrics:\n  address: 127.0.0.1\n  port: 6000\n",
+            "metrics.port",
+            "listen.port",
+        ),
+        ("upstream:\n  url: amqp://broker:0\n", "upstream.url", "bad port"),
+        ("upstream:\n  url: amqp://broker/?heartbeat=5\n", "upstream.url", "heartbeat=5"),
+        ("listen:\n  address: 999.1.1.1\n", "listen.address", "not an address to listen on"),
+        ("metrics:\n  address: no such host.\n", "metrics.address", "not an address"),
     ],
 )
 def test_bad_file_values_are_refused_naming_the_key(tmp_path, text, key, allowed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import pathlib
@@ -310,6 +311,23 @@ def test_term_drains_then_closes_with_320_and_exits_0(fresh_amqplexd, queue_name
     assert message_count(queue_name) == 11
 
 
+def test_term_refuses_new_clients_at_once_while_the_old_ones_drain(fresh_amqplexd):
+    """As HAProxy's soft stop: the port closes at once, so a new client is
+    refused (and tries another proxy) rather than queued where nobody will
+    serve it; /ready says so too."""
+    daemon = fresh_amqplexd("-w", "1", env={"AMQP_DRAIN_TIMEOUT": "30"})
+    connection = pika.BlockingConnection(proxy_params(daemon.port))
+    os.kill(daemon.process.pid, signal.SIGTERM)
+    wait_until(lambda: refused(daemon.port), timeout=5, what="the port refusing")
+    ready = http.client.HTTPConnection("127.0.0.1", daemon.status_port, timeout=5)
+    ready.request("GET", "/ready")
+    assert ready.getresponse().status == 503
+    ready.close()
+    assert connection.channel().is_open  # still served while it drains
+    connection.close()
+    assert daemon.process.wait(15) == 0
+
+
 def test_quit_exits_at_once(fresh_amqplexd):
     daemon = fresh_amqplexd("-w", "1")
     connection = pika.BlockingConnection(proxy_params(daemon.port))
@@ -389,7 +407,8 @@ def test_ttin_adds_and_ttou_removes_a_worker(fresh_amqplexd):
 @pytest.mark.parametrize(
     ("env", "said"),
     [
-        ({"AMQP_LISTEN_ADDRESS": "0.0.0.0:5673"}, "listen.address, listen.port: cannot listen on"),
+        # Refused with the configuration now, before the master binds anything.
+        ({"AMQP_LISTEN_ADDRESS": "0.0.0.0:5673"}, "listen.address: not an address to listen on"),
         ({"AMQP_LISTEN_PORT": "{taken}"}, "listen.address, listen.port: cannot listen on"),
         ({"AMQP_METRICS_PORT": "{taken}"}, "metrics.address, metrics.port: cannot serve status"),
     ],

@@ -37,6 +37,11 @@ class Certificates:
             not_after=datetime.datetime(2021, 1, 1),
         )
         self.expired_cert, self.expired_key = self._pair("expired", self.expired)
+        in_a_year = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
+        self.future = self.ca.issue_cert(
+            "localhost", not_before=in_a_year, not_after=in_a_year + datetime.timedelta(days=1)
+        )
+        self.future_cert, self.future_key = self._pair("future", self.future)
 
     def _write(self, name: str, data: bytes) -> str:
         path = self.directory / name

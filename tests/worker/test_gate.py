@@ -184,8 +184,8 @@ def test_closing_while_reopening_leaves_nothing_accepting():
         assert await gate_.open()
         clients.arrive()
         clients.leave()  # resumes: the opening is under way
-        gate_.close()
-        await until(lambda: len(servers) == 2)
+        gate_.close()  # and the listener goes with it
+        await until(lambda: gate_._opening is None)
         assert not gate_.accepting
         assert not any(server.is_serving() for server in servers)
 

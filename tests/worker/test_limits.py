@@ -382,20 +382,22 @@ def test_a_client_that_closes_without_reading_what_is_queued_for_it_is_dropped(
     slow.close()
 
 
+CONFIGURED_LIMIT = {"AMQP_CLIENT_MAX_MESSAGE_SIZE": "1000"}
+OVER_CONFIGURED = "message size 1001 is larger than configured max size 1000"
+
+
 @pytest.mark.parametrize(
-    ("env", "body_size", "said"),
+    ("env", "body_size", "said", "headers"),
     [
-        ({}, 1 << 40, "message size 1099511627776 is larger than max size 134217728"),
-        (
-            {"AMQP_CLIENT_MAX_MESSAGE_SIZE": "1000"},
-            1001,
-            "message size 1001 is larger than configured max size 1000",
-        ),
+        ({}, 1 << 40, "message size 1099511627776 is larger than max size 134217728", None),
+        (CONFIGURED_LIMIT, 1001, OVER_CONFIGURED, None),
+        # A headers table: the whole message goes by the Python reference.
+        (CONFIGURED_LIMIT, 1001, OVER_CONFIGURED, {"a": 1}),
     ],
-    ids=["default", "configured"],
+    ids=["default", "configured", "configured-with-headers"],
 )
 def test_a_message_over_the_size_limit_is_refused_at_its_header(
-    fresh_amqplexd, user, queue_name, env, body_size, said
+    fresh_amqplexd, user, queue_name, env, body_size, said, headers
 ):
     """A content header announcing more than client.max_message_size is
     refused 406 on that channel, as RabbitMQ refuses a message over its
@@ -409,7 +411,8 @@ def test_a_message_over_the_size_limit_is_refused_at_its_header(
         client.method(1, commands.Queue.Declare(queue=queue_name))
         client.expect(commands.Queue.DeclareOk)
         publish = frame.marshal(commands.Basic.Publish(exchange="", routing_key=queue_name), 1)
-        header = frame.marshal(ContentHeader(0, body_size, commands.Basic.Properties()), 1)
+        properties = commands.Basic.Properties(headers=headers)
+        header = frame.marshal(ContentHeader(0, body_size, properties), 1)
         body = body_frame(1, b"x" * min(body_size, 4096))
         client.send(publish + header + body)  # one read: the whole-message path too
         _, refused = client.expect(commands.Channel.Close)

@@ -16,12 +16,13 @@ from amqplex.protocol import framing
 from amqplex.worker import quiet
 from tests.conftest import proxy_params
 from tests.master.test_status import scrape
-from tests.support.rawclient import RawClient
+from tests.support.rawclient import RawClient, body_frame
 from tests.support.relay import DOWN, UP
 from tests.support.waiting import wait_until
 from tests.worker.test_channels import (
     amqp_connections,
     close_method,
+    publish_to,
     ready_count,
     take_channels_then_resume,
     upstream_frames,
@@ -251,6 +252,51 @@ def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
     metrics = wait_until(counted, what="the recycled-channel counters")
     assert metrics["amqplex_channels_recycled_total{probe=sent}"] == probes
     assert metrics["amqplex_channels_recycled_total{probe=skipped}"] == skipped
+
+
+def test_a_message_left_half_sent_proves_nothing(fresh_amqplexd, relay, user, queue_name):
+    """A client that announces a body and leaves before sending it published
+    nothing: the channel it leaves is no proof that the broker takes a body
+    that size (RabbitMQ's own max_message_size may be smaller than the
+    proxy's), so the next such publish on it is still probed."""
+    daemon = fresh_amqplexd(
+        upstream=relay.url,
+        env={"AMQP_POOL_IDLE_CHANNELS": "1", "AMQP_POOL_MAX_IDLE_CHANNELS": "1"},
+    )
+    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
+    setup.channel().queue_declare(queue_name)
+    setup.close()
+    wait_pool_warm(relay)
+    wait_until(lambda: _probes_settled(relay), what="the setup channel's probe")
+    for _ in range(2):  # on each of the channels the clients take turns on
+        with RawClient(daemon.port) as client:
+            client.handshake(user.name, user.password)
+            client.open_channel(1)
+            announced = header.ContentHeader(0, 100_000, commands.Basic.Properties())
+            client.send(method_frame(routing_key=queue_name) + frame.marshal(announced, 1))
+            client.send(body_frame(1, b"x" * 1000))  # and no more of it
+            client.method(0, commands.Connection.Close(**close_method()))
+            client.expect(commands.Connection.CloseOk)
+        wait_until(lambda: _probes_settled(relay), what="a probe's RecoverOk")
+    with RawClient(daemon.port) as client:
+        client.handshake(user.name, user.password)
+        client.open_channel(1)
+        client.publish(1, bytes(50_000), routing_key=queue_name)
+        _leave(client)
+    ((conn, publish),) = wait_until(
+        lambda: upstream_frames(relay, publish_to(queue_name)), what="the publish upstream"
+    )
+    wait_until(
+        lambda: any(
+            f.channel == publish.channel
+            and f.seq > publish.seq
+            and isinstance(f.method, commands.Basic.Recover)
+            for f in conn.frames(UP)
+        ),
+        timeout=5,
+        what="a probe after the publish",
+    )
+    wait_until(lambda: ready_count(queue_name) == 1, what="the one whole message queued")
 
 
 def _loud_header(**properties) -> bytes:

@@ -422,12 +422,33 @@ def test_a_key_given_as_mangled_base64_is_refused_without_showing_it(certs):
     assert mangled[20:60] not in result.stderr
 
 
+def test_an_upstream_key_given_as_mangled_base64_is_refused_without_showing_it(certs):
+    mangled = b64(certs.client_key)[:201]
+    env = {"AMQP_TLS_CLIENT_CERT": certs.client_cert, "AMQP_TLS_CLIENT_KEY": mangled}
+    result = check(env, upstream="amqps://broker.example")
+    assert result.returncode == 1
+    assert "configuration error: tls.client_key: " in result.stderr
+    assert mangled[20:60] not in result.stderr
+
+
+def test_check_masks_a_private_key_bundled_in_the_certificate_setting(certs):
+    """tls.cert may hold the key too (the README says so): --check, which the
+    unit runs at every start and reload, must not print it to the journal."""
+    bundle = Path(certs.proxy_cert).read_bytes() + Path(certs.proxy_key).read_bytes()
+    encoded = base64.b64encode(bundle).decode()
+    result = check({"AMQP_TLS_CERT": encoded})
+    assert result.returncode == 0, result.stderr
+    assert encoded[:40] not in result.stdout
+    assert "cert: '********'" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("setting", "problem", "said"),
     [
         ("tls.cert", "missing file", "no such file"),
         ("tls.key", "key of another certificate", "does not match the certificate in tls.cert"),
         ("tls.cert", "expired certificate", "expired on 2021-01-01"),
+        ("tls.cert", "certificate not valid yet", "is not valid before"),
         ("tls.key", "not a key", "holds no PEM private key"),
         ("tls.client_ca_cert", "missing file", "no such file"),
     ],
@@ -442,6 +463,8 @@ def test_bad_listener_certificate_settings_are_refused_at_start(certs, setting, 
         env["AMQP_TLS_KEY"] = certs.client_key
     elif problem == "expired certificate":
         env.update(AMQP_TLS_CERT=certs.expired_cert, AMQP_TLS_KEY=certs.expired_key)
+    elif problem == "certificate not valid yet":
+        env.update(AMQP_TLS_CERT=certs.future_cert, AMQP_TLS_KEY=certs.future_key)
     elif problem == "not a key":
         env["AMQP_TLS_KEY"] = certs.ca_file
     result = check(env)
