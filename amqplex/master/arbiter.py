@@ -30,7 +30,7 @@ from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
 from amqplex import logs, metrics, tls
-from amqplex.board import Board, Seat
+from amqplex.board import NOT_ACCEPTING, Board, Seat
 from amqplex.config import Config, ConfigError
 from amqplex.config.settings import mask_password
 from amqplex.master import listener
@@ -46,6 +46,8 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 # After drain_timeout and the close handshake, how long before SIGKILL.
 KILL_GRACE = 5.0
+# How often the master looks whether a reload's new workers accept yet.
+REPLACED_CHECK = 0.02
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +87,10 @@ class Arbiter:
         # dials an amqps:// broker as the workers do.
         self._contexts = tls.Contexts()
         self.draining = False
+        # Workers a reload replaces, with their drain's grace: told to drain
+        # once their replacements accept (or by `_replaced_by`, whatever).
+        self._replaced: list[tuple[WorkerProcess, float]] = []
+        self._replaced_by = 0.0
 
     # -- the main loop ---------------------------------------------------------
 
@@ -98,8 +104,10 @@ class Arbiter:
                     return exit_code
                 continue
             self.maintain_workers()
+            self._drain_replaced()
             self._kill_overdue()
-            self._sleep(max(0.05, min(1.0, self._next_spawn - time.monotonic())))
+            wait = min(1.0, self._next_spawn - time.monotonic())
+            self._sleep(max(0.05, REPLACED_CHECK if self._replaced else wait))
 
     def start(self) -> None:
         raise_nofile_limit()
@@ -271,6 +279,21 @@ class Arbiter:
         KILL_GRACE before SIGKILL."""
         return self.config.drain_timeout + 2 * self.config.client.close_timeout + KILL_GRACE
 
+    def _drain_replaced(self) -> None:
+        """A reload's old workers drain once every new one accepts clients
+        (its board seat posted; one without a seat accepts at once): a new
+        worker first asks the broker for its properties, up to twice
+        upstream.connect_timeout, and meanwhile the old ones serve."""
+        if not self._replaced:
+            return
+        new = self.active()
+        ready = all(w.seat is None or w.seat.slots[w.seat.index] != NOT_ACCEPTING for w in new)
+        if ready or time.monotonic() >= self._replaced_by:
+            replaced, self._replaced = self._replaced, []
+            for worker, grace in replaced:
+                if worker.pid in self.workers:
+                    self._drain(worker, grace)
+
     def _kill_overdue(self) -> None:
         """Workers replaced (HUP) or removed (TTOU) that outlived their drain
         get what gunicorn's graceful_timeout gives them."""
@@ -328,9 +351,10 @@ class Arbiter:
         self.reap_workers()
 
     def handle_hup(self) -> None:
-        """Reload: new workers with the new configuration are forked before
-        the old ones are told to drain, and a client arriving between the two
-        waits in the listener's queue, so nobody is refused."""
+        """Reload: new workers with the new configuration are forked, and
+        the old ones are told to drain once the new ones accept clients
+        (_drain_replaced): the listener is one queue, so nobody is refused,
+        and nobody waits while the new workers start."""
         log.info("HUP: reloading configuration")
         # systemd >= 253 ties RELOADING=1 to a reload by its CLOCK_MONOTONIC
         # time; without it `systemctl reload` may not see the reload end.
@@ -393,8 +417,8 @@ class Arbiter:
             worker.draining = True  # so maintain_workers fills every slot anew
         self._failures, self._next_spawn = 0, 0.0
         self.maintain_workers()
-        for worker in old_workers:
-            self._drain(worker, old_grace)
+        self._replaced += [(worker, old_grace) for worker in old_workers]
+        self._replaced_by = time.monotonic() + 2 * new.upstream.connect_timeout + KILL_GRACE
         self._set_title()
         notify("READY=1")
 
@@ -420,6 +444,7 @@ class Arbiter:
 
     def _stop(self, graceful: bool) -> int:
         self.draining = True
+        self._replaced = []  # they are all told below
         notify("STOPPING=1")
         log.info(
             "%s: stopping %d workers", "draining" if graceful else "exiting now", len(self.workers)

@@ -16,11 +16,14 @@ import time
 
 import pika
 import pytest
+from pamqp import commands
 
+from amqplex.protocol.constants import PROTOCOL_HEADER
 from tests.conftest import proxy_params
 from tests.support.broker import BROKER_HOST, BROKER_PORT
 from tests.support.daemon import TEST_ENV, free_ports, wait_listening
 from tests.support.procs import workers
+from tests.support.rawclient import RawClient
 from tests.support.waiting import wait_until
 
 
@@ -179,6 +182,25 @@ def test_hup_replaces_workers_without_failing_a_client_or_losing_a_message(
     assert message_count(queue_name) == published
 
 
+def test_hup_keeps_the_old_workers_accepting_until_the_new_ones_do(fresh_amqplexd, relay):
+    """A new worker asks the broker for its properties before it accepts
+    (up to twice upstream.connect_timeout): meanwhile the old one serves,
+    and a client arriving then is not left waiting in the queue."""
+    daemon = fresh_amqplexd("-w", "1", upstream=relay.url)
+    (old,) = wait_until(lambda: serving_workers(daemon.process.pid))
+    pika.BlockingConnection(proxy_params(daemon.port)).close()  # it accepts
+    relay.delay(1.0)  # the new worker's first answer from the broker: seconds away
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    daemon.wait_for_log("HUP: reloading configuration")
+    started = time.monotonic()
+    with RawClient(daemon.port) as client:
+        client.send(PROTOCOL_HEADER)
+        client.expect(commands.Connection.Start, timeout=10)
+    assert time.monotonic() - started < 0.5, "the client waited for the new worker"
+    relay.delay(0)
+    wait_until(lambda: old not in workers(daemon.process.pid), timeout=20, what="the old one")
+
+
 def test_hup_with_a_bad_configuration_keeps_the_running_one(fresh_amqplexd, tmp_path):
     config = tmp_path / "amqplex.yaml"
     config.write_text("pool:\n  max_channels: 100\n")
@@ -198,7 +220,7 @@ def test_hup_applies_the_new_log_format_and_level(fresh_amqplexd, tmp_path):
     config = tmp_path / "amqplex.yaml"
     config.write_text("log:\n  format: text\n")
     daemon = fresh_amqplexd("-w", "1", "-c", str(config))
-    wait_until(lambda: serving_workers(daemon.process.pid))
+    (old,) = wait_until(lambda: serving_workers(daemon.process.pid))
     config.write_text("log:\n  format: json\n  level: debug\n")
     os.kill(daemon.process.pid, signal.SIGHUP)
 
@@ -212,6 +234,8 @@ def test_hup_applies_the_new_log_format_and_level(fresh_amqplexd, tmp_path):
         what="a JSON line from the new worker",
     )
     assert started[0]["level"] == "info"
+    # The old worker accepts until the new one does: then it drains.
+    wait_until(lambda: old not in serving_workers(daemon.process.pid), what="the old one draining")
     # Debug lines now show: a client that goes before its Open is one.
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
         sock.sendall(b"AMQP\x00\x00\x09\x01")
