@@ -213,7 +213,7 @@ class ClientChannel:
         for it. Bound from the pool as often as from the client's own read,
         and released from the broker's ConsumeOk: a frame too large for this
         upstream fails the client here."""
-        pending, consumes = self.pending, self.consumes
+        pending = self.pending
         cut = len(pending)
         self.held_for = None
         for at, frame in enumerate(pending):
@@ -221,14 +221,10 @@ class ClientChannel:
                 continue
             index = method_index(frame)
             if index == _BASIC_CONSUME:
-                consume = methods.decode(frame)
-                if not consume.nowait:
-                    if consumes is None:
-                        consumes = self.consumes = collections.deque()
-                    consumes.append(_consume_entry(consume))
-            elif index == _BASIC_CANCEL and consumes:
+                self._consume_sent(methods.decode(frame))
+            elif index == _BASIC_CANCEL and self.consumes:
                 tag = methods.decode(frame).consumer_tag
-                if tag in consumes:
+                if tag in self.consumes:
                     self.held_for, cut = tag, at
                     break
         try:
@@ -441,10 +437,8 @@ class ClientChannel:
                 frame = self._delete(queue, method, frame)
             elif index == _BASIC_CONSUME:
                 self._track_consumer(queue, method)
-                if not method.nowait and self.slot is not None and self.held_for is None:
-                    if self.consumes is None:
-                        self.consumes = collections.deque()
-                    self.consumes.append(_consume_entry(method))
+                if self.slot is not None and self.held_for is None:
+                    self._consume_sent(method)  # else _flush notes it as it goes
         elif index == _BASIC_CANCEL:
             tag = method.consumer_tag
             self.consumer_tags.discard(tag)
@@ -498,6 +492,15 @@ class ClientChannel:
         if not method.nowait:
             self.deletes.append((None, False))
         return frame
+
+    def _consume_sent(self, method: commands.Basic.Consume) -> None:
+        """A Basic.Consume goes to the broker: its ConsumeOk is awaited
+        (`consumes`), but for a nowait one."""
+        if method.nowait:
+            return
+        if self.consumes is None:
+            self.consumes = collections.deque()
+        self.consumes.append(None if method.queue == DIRECT_REPLY_QUEUE else method.consumer_tag)
 
     def _track_consumer(self, queue: str, method: commands.Basic.Consume) -> None:
         tag: str | None = method.consumer_tag
@@ -747,11 +750,6 @@ class ClientChannel:
             # A DeclareOk still on its way names a queue of the client's
             # (rule 7), for the upstream channel to delete now that it left.
             slot.close(owned_declares=[declared != _SHARED for declared in self.declares])
-
-
-def _consume_entry(method: commands.Basic.Consume) -> str | None:
-    """What `consumes` keeps of a Basic.Consume sent to the broker."""
-    return None if method.queue == DIRECT_REPLY_QUEUE else method.consumer_tag
 
 
 def _too_big(size: int, limit: int) -> ChannelException:

@@ -185,13 +185,10 @@ def _probes_settled(relay) -> bool:
     return len(sent) == len(answered)
 
 
-def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
-    fresh_amqplexd, relay, user, queue_name
-):
-    """One client after another, each publishing one quiet message: a
-    channel is probed after a publish larger than any proven on it, and
-    only then; every message arrives."""
-    # One channel kept ready: the clients take turns on the same few.
+def _taking_turns(fresh_amqplexd, relay, user, queue_name: str):
+    """A daemon through the relay keeping one channel ready, so that clients
+    take turns on the same few, with `queue_name` declared and the setup
+    channel's probe back."""
     daemon = fresh_amqplexd(
         upstream=relay.url,
         env={"AMQP_POOL_IDLE_CHANNELS": "1", "AMQP_POOL_MAX_IDLE_CHANNELS": "1"},
@@ -201,6 +198,16 @@ def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
     setup.close()
     wait_pool_warm(relay)
     wait_until(lambda: _probes_settled(relay), what="the setup channel's probe")
+    return daemon
+
+
+def test_a_quiet_client_leaves_a_proven_channel_to_the_next_without_a_probe(
+    fresh_amqplexd, relay, user, queue_name
+):
+    """One client after another, each publishing one quiet message: a
+    channel is probed after a publish larger than any proven on it, and
+    only then; every message arrives."""
+    daemon = _taking_turns(fresh_amqplexd, relay, user, queue_name)
     sizes = [10, 10, 10, 100, 50, 100, 10, 200, 10, 10]
     # Every other one with the properties a quiet publish may carry.
     persistent = commands.Basic.Properties(delivery_mode=2, expiration="600000")
@@ -259,15 +266,7 @@ def test_a_message_left_half_sent_proves_nothing(fresh_amqplexd, relay, user, qu
     nothing: the channel it leaves is no proof that the broker takes a body
     that size (RabbitMQ's own max_message_size may be smaller than the
     proxy's), so the next such publish on it is still probed."""
-    daemon = fresh_amqplexd(
-        upstream=relay.url,
-        env={"AMQP_POOL_IDLE_CHANNELS": "1", "AMQP_POOL_MAX_IDLE_CHANNELS": "1"},
-    )
-    setup = pika.BlockingConnection(proxy_params(daemon.port, user))
-    setup.channel().queue_declare(queue_name)
-    setup.close()
-    wait_pool_warm(relay)
-    wait_until(lambda: _probes_settled(relay), what="the setup channel's probe")
+    daemon = _taking_turns(fresh_amqplexd, relay, user, queue_name)
     for _ in range(2):  # on each of the channels the clients take turns on
         with RawClient(daemon.port) as client:
             client.handshake(user.name, user.password)
