@@ -62,6 +62,11 @@ class Seat:
     def leave(self) -> None:
         self.slots[self.index] = NOT_ACCEPTING
 
+    @property
+    def accepting(self) -> bool:
+        """Whether its worker accepts clients (the master's side reads it)."""
+        return self.slots[self.index] != NOT_ACCEPTING
+
     def counts(self) -> list[int]:
         """Clients of every accepting worker, this one included."""
         return [n for n in self.slots[: self.used[0]] if n != NOT_ACCEPTING]

@@ -30,7 +30,7 @@ from prometheus_client import multiprocess
 from setproctitle import setproctitle
 
 from amqplex import logs, metrics, tls
-from amqplex.board import NOT_ACCEPTING, Board, Seat
+from amqplex.board import Board, Seat
 from amqplex.config import Config, ConfigError
 from amqplex.config.settings import mask_password
 from amqplex.master import listener
@@ -88,7 +88,7 @@ class Arbiter:
         self._contexts = tls.Contexts()
         self.draining = False
         # Workers a reload replaces, with their drain's grace: told to drain
-        # once their replacements accept (or by `_replaced_by`, whatever).
+        # once their replacements accept, or at `_replaced_by` if sooner.
         self._replaced: list[tuple[WorkerProcess, float]] = []
         self._replaced_by = 0.0
 
@@ -287,7 +287,7 @@ class Arbiter:
         if not self._replaced:
             return
         new = self.active()
-        ready = all(w.seat is None or w.seat.slots[w.seat.index] != NOT_ACCEPTING for w in new)
+        ready = all(w.seat is None or w.seat.accepting for w in new)
         if ready or time.monotonic() >= self._replaced_by:
             replaced, self._replaced = self._replaced, []
             for worker, grace in replaced:
